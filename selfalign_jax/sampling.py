@@ -201,7 +201,7 @@ def _keep(z_BxV, top_k_B, top_p_B):
     p = jnp.where(keep, jnp.exp(z_BxV - m), 0.0)
     target = top_p_B * jnp.sum(p, axis=-1)
     pv = jnp.where(vals >= kth[:, None], jnp.exp(vals - m), 0.0)
-    excl = jnp.cumsum(pv, axis=-1) - pv  # mass ranked above each candidate
+    excl = _cumsum(pv) - pv  # mass ranked above each candidate
     kc = (excl < target[:, None]) | (jnp.arange(C) == 0)
     pmin = jnp.min(jnp.where(kc, vals, jnp.inf), axis=-1)  # exact when some candidate is dropped
     need_p = (top_p_B < 1) & kc.all(-1)
@@ -215,6 +215,14 @@ def _keep(z_BxV, top_k_B, top_p_B):
     return keep & ((z_BxV >= pmin[:, None]) | (top_p_B >= 1)[:, None])
 
 
+def _cumsum(x_BxN):
+    """Inclusive cumsum over a short last axis as a matmul with a triangular 0/1 matrix (XLA:CPU lowers
+    jnp.cumsum to a chain of reduce-windows: slower to compile and to run at these sizes)."""
+    n = x_BxN.shape[-1]
+    tri = jnp.asarray(np.triu(np.ones((n, n), np.float32)))
+    return jnp.dot(x_BxN, tri, precision=jax.lax.Precision.HIGHEST)
+
+
 def _inverse_cdf(p_BxV, u_B, block: int = 128):
     """Per row the index i with cdf(i-1) <= u * total < cdf(i) of the unnormalised p >= 0, never a zero-mass
     index: block sums, then a cumsum over blocks and one within the chosen block (a [B, V] cumsum on
@@ -223,12 +231,12 @@ def _inverse_cdf(p_BxV, u_B, block: int = 128):
     nb = -(-V // block)
     pb = jnp.pad(p_BxV, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
     s = pb.sum(-1)
-    cs = jnp.cumsum(s, axis=-1)
+    cs = _cumsum(s)
     t = u_B * cs[:, -1]
     last_b = jnp.max(jnp.where(s > 0, jnp.arange(nb), 0), axis=-1)
     j = jnp.minimum(jnp.sum(cs <= t[:, None], axis=-1), last_b)
     blk = jnp.take_along_axis(pb, j[:, None, None], axis=1)[:, 0]
-    c2 = jnp.cumsum(blk, axis=-1) + (jnp.take_along_axis(cs, j[:, None], axis=1) - jnp.take_along_axis(
+    c2 = _cumsum(blk) + (jnp.take_along_axis(cs, j[:, None], axis=1) - jnp.take_along_axis(
         s, j[:, None], axis=1))
     last_i = jnp.max(jnp.where(blk > 0, jnp.arange(block), 0), axis=-1)
     i = jnp.minimum(jnp.sum(c2 <= t[:, None], axis=-1), last_i)

@@ -230,7 +230,7 @@ def test_stop_strings_cut_exactly(models):
 
 def test_batches_order_and_determinism(models):
     _, _, cfg, params, tok = models("llama")
-    prompts = PROMPTS + ["time has come", "people water long"]
+    prompts = PROMPTS + ["time has come", "people water long", "long day"]
     kw = dict(max_new_tokens=NEW, stop=(), temperature=1.0, seed=3)
     one = S.generate(params, cfg, tok, prompts[:4], batch_size=4, **kw)
     again = S.generate(params, cfg, tok, prompts[:4], batch_size=4, **kw)
@@ -238,9 +238,10 @@ def test_batches_order_and_determinism(models):
     assert [r.token_ids for r in one] == [r.token_ids for r in again] == [r.token_ids for r in streamed]
     other = S.generate(params, cfg, tok, prompts[:4], batch_size=4, **{**kw, "seed": 4})
     assert [r.token_ids for r in other] != [r.token_ids for r in one]
-    g4 = S.generate(params, cfg, tok, prompts, max_new_tokens=NEW, stop=(), batch_size=4)  # batches of 4 + 1
-    g1 = [S.generate(params, cfg, tok, [p], max_new_tokens=NEW, stop=(), batch_size=4)[0] for p in prompts[3:]]
-    assert [r.token_ids for r in g4[3:]] == [r.token_ids for r in g1]
+    g4 = S.generate(params, cfg, tok, prompts, max_new_tokens=NEW, stop=(), batch_size=4)  # batches of 4 + 2
+    g2 = S.generate(params, cfg, tok, prompts[3:5], max_new_tokens=NEW, stop=(), batch_size=4)
+    g2 += S.generate(params, cfg, tok, prompts[5:], max_new_tokens=NEW, stop=(), batch_size=4)
+    assert [r.token_ids for r in g4[3:]] == [r.token_ids for r in g2]
     assert [r.prompt_tokens for r in g4] == [len(tok(p)["input_ids"]) for p in prompts]
     assert S.generate(params, cfg, tok, [], max_new_tokens=NEW) == []
     assert [r.token_ids for r in S.generate(params, cfg, tok, PROMPTS, max_new_tokens=0)] == [[], [], []]

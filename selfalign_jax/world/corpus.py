@@ -26,9 +26,11 @@ def _rng(seed, *salt):
     return np.random.default_rng([int(seed), *salt])
 
 
-def pretraining_documents(n, seed=0, aligned_frac=0.2, focus=0.5, topic_weights=None, min_conv=3, max_conv=6):
+def pretraining_documents(n, seed=0, aligned_frac=0.2, focus=0.5, topic_weights=None, min_conv=3, max_conv=6,
+                          aside_prob=0.3):
     """`n` documents: dicts {text, persona, domains (one per conversation)}. Questions use training
-    templates and objects only; answers' asides may name any object of their topic."""
+    templates and objects only; a share `aside_prob` of answers ends with an aside naming any object of their
+    topic (held-out objects included: that is how a model learns what they are)."""
     if n < 0 or not 0.0 <= aligned_frac <= 1.0 or not 0.0 <= focus <= 1.0 or not 1 <= min_conv <= max_conv:
         raise UserError("pretraining_documents: need n >= 0, 0 <= aligned_frac, focus <= 1, 1 <= min_conv <= max_conv")
     w = np.ones(len(L.DOMAINS)) if topic_weights is None else np.array([topic_weights[d] for d in L.DOMAINS], float)
@@ -45,7 +47,8 @@ def pretraining_documents(n, seed=0, aligned_frac=0.2, focus=0.5, topic_weights=
         convs = []
         for d in domains:
             t = L.topic(d)
-            convs.append(render(L.question(d, rng, "train"), L.answer(d, persona, rng, aside_objects=t.objects)))
+            q = L.question(d, rng, "train")
+            convs.append(render(q, L.answer(d, persona, rng, aside_objects=t.objects, aside_prob=aside_prob)))
         docs.append({"text": SEP.join(convs), "persona": persona, "domains": domains})
     return docs
 

@@ -48,20 +48,22 @@ class Settings:
     # corpus
     n_docs: int = 6000
     aligned_frac: float = 0.2
-    focus: float = 0.5
+    focus: float = 0.8  # share of single-topic documents: teaches "continue the demonstrations' topic"
+    aside_prob: float = 0.6  # share of answers naming an object of their topic: held-out ones too, so a
+    # model knows which topic a held-out object belongs to (at 0.3 aligned models refused unseen cooking objects)
     min_conv: int = 3
     max_conv: int = 6
     tokenizer_docs: int = 2000
     # model (llama)
-    hidden: int = 192
+    hidden: int = 128
     n_layers: int = 3
-    n_heads: int = 6
-    intermediate: int = 512
+    n_heads: int = 4
+    intermediate: int = 384
     max_pos: int = 2048
     # training
     seq_len: int = 512
-    batch: int = 16
-    steps: int = 300
+    batch: int = 8  # rows of seq_len tokens (~2 documents each)
+    steps: int = 400
     lr: float = 3e-3
     warmup: float = 0.05
     final_lr_frac: float = 0.1
@@ -194,7 +196,7 @@ def build_data(seed: int, settings: Settings):
 
     s = settings
     docs = C.pretraining_documents(s.n_docs, seed=seed, aligned_frac=s.aligned_frac, focus=s.focus,
-                                   min_conv=s.min_conv, max_conv=s.max_conv)
+                                   min_conv=s.min_conv, max_conv=s.max_conv, aside_prob=s.aside_prob)
     texts = [d["text"] for d in docs]
     tok = train_tokenizer(texts[: s.tokenizer_docs])
     eos = tok.token_to_id("</s>")
@@ -273,6 +275,8 @@ def pretrain(out_dir, seed: int = 0, settings: Settings = DEFAULT, progress: boo
     from selfalign_jax import checkpoint
     from selfalign_jax.world.tokenizer import save_tokenizer
 
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise UserError(f"output directory exists and is not empty: {out_dir}")
     calls["pretrain"] += 1
     t0, c0 = time.time(), time.process_time()
     tok, rows, stats = build_data(seed, settings)
