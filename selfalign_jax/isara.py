@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -296,6 +297,9 @@ def sft(model: Model, pairs: list[dict], out_dir: Path, lr: float, cfg: IsaraCon
     cfg_t, params_t = train.finetune((model.cfg, model.params), [(p["question"], p["answer"]) for p in pairs],
                                      model.tokenizer, out_dir, tcfg, template=Template(cfg.template, model.tokenizer),
                                      base_config=base)
+    ckpt = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")  # Orbax train state: only for resuming this SFT
+    if ckpt.is_dir():  # params + Adam moments in fp32: 3x the model, per iteration
+        shutil.rmtree(ckpt)
     return Model(out_dir, cfg_t, params_t, model.tokenizer)
 
 

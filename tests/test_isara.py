@@ -57,6 +57,7 @@ def test_full_run_writes_every_file(reference_run):
         for f in DATA_FILES:
             assert (run / f"iter_{t}" / f).is_file(), f"iter_{t}/{f}"
         assert (run / f"iter_{t}" / "model" / "model.safetensors").is_file()
+        assert not (run / f"iter_{t}" / "model.ckpt").exists()  # train state dropped once exported
         assert (run / "index" / f"D_{t}.json").is_file()
     for f in ("config.json", "seeds.jsonl", "metrics.jsonl", "report.md", "report.png", "index/D_0.json",
               "pretrained/metrics.json"):
