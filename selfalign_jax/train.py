@@ -85,6 +85,8 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = L.TARGETS
     remat: bool = False  # rematerialise each layer in the backward pass
     loss_chunk: int = 512  # tokens per chunk of the fused LM-head + cross-entropy (0: plain, full logits)
+    streams: int = 0  # independent sub-batches per micro-batch in one graph, so XLA:CPU runs their ops
+    # side by side on the cores (0: auto = 4 on a single CPU device when the rows divide, else 1)
     dtype: str = "float32"  # compute dtype (float32 | bfloat16); masters and Adam moments stay fp32
     seed: int = 0  # data order and LoRA init
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -104,7 +106,8 @@ class TrainConfig:
                (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine|linear|constant"),
                (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
                (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "betas must be in [0, 1)"),
-               (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")]
+               (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+               (self.streams >= 0, "streams must be >= 0")]
         for ok, msg in chk:
             if not ok:
                 raise UserError(msg)
@@ -114,7 +117,7 @@ class TrainConfig:
 
     def fingerprint_fields(self) -> dict:
         """The settings that determine the trajectory (a resumed run must match them)."""
-        skip = {"checkpoint_every", "keep_checkpoints", "mesh", "remat", "loss_chunk"}
+        skip = {"checkpoint_every", "keep_checkpoints", "mesh", "remat", "loss_chunk", "streams"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -481,6 +484,10 @@ class Trainer:
         self.state_sh = TrainState(self.train_sh, self.opt_sh, self.rep)
         self.batch_sh = {k: MS.batch_sharding(self.mesh, leading=1) for k in ("tokens", "pos", "targets", "weights")}
         self.micro_rows = -(-tcfg.batch_size // MS.batch_size_multiple(self.mesh)) * MS.batch_size_multiple(self.mesh)
+        self.streams = tcfg.streams or (4 if self.mesh.devices.size == 1 and self.mesh.devices.flat[0].platform == "cpu"
+                                        and self.micro_rows % 4 == 0 else 1)
+        if self.micro_rows % self.streams:
+            raise UserError(f"streams {self.streams} must divide the micro-batch rows {self.micro_rows}")
         # one compiled step per (model, settings, run length, mesh): Trainers that agree share it
         key = (self.cfg, self.ccfg, dataclasses.replace(tcfg, checkpoint_every=0, keep_checkpoints=2),
                total_steps, self.mesh, rules)
@@ -539,8 +546,12 @@ class Trainer:
         return _cast(trainable, self.ccfg.jdtype)
 
     def loss(self, trainable, frozen, mb):
-        return token_nll(self.model_params(trainable, frozen), self.ccfg, mb, self.tcfg.remat,
-                         fused=self.tcfg.loss_chunk > 0, chunk_tokens=self.tcfg.loss_chunk)
+        """(nll sum, weight sum) of one micro-batch, as `streams` independent row slices summed (the
+        same sums; on CPU the slices' ops overlap across cores, filling the idle time of one chain)."""
+        p, b, n = self.model_params(trainable, frozen), mb["tokens"].shape[0], self.streams
+        outs = [token_nll(p, self.ccfg, jax.tree.map(lambda x: x[i * b // n:(i + 1) * b // n], mb), self.tcfg.remat,
+                          fused=self.tcfg.loss_chunk > 0, chunk_tokens=self.tcfg.loss_chunk) for i in range(n)]
+        return sum(o[0] for o in outs), sum(o[1] for o in outs)
 
     def _grads(self, trainable, frozen, batch):
         """Sum over micro-batches of (nll sum, d nll sum / d trainable)."""

@@ -172,6 +172,28 @@ def test_fused_xent_equals_plain_loss_and_grads():
         assert max(jax.tree.leaves(rel)) < 1e-5, rel
 
 
+def test_streams_split_the_batch_without_changing_the_step(base):
+    """streams = independent row slices of a micro-batch in one graph: the same step (auto = 4 on one CPU)."""
+    path, _, tok = base
+    cfg, params = C.load(path, dtype="float32")
+    enc = T.encode_pairs(_pairs(16), tok, max_length=32)
+    tc = T.TrainConfig(lr=1e-3, batch_size=8, grad_accum=2, max_length=32, warmup_ratio=0.0)
+    batch = T.make_batch(enc, np.arange(16), 2, 8, 32)
+    out = {}
+    for n in (1, 2, 0):
+        tr = T.Trainer(cfg, dataclasses.replace(tc, streams=n), total_steps=4)
+        state, frozen = tr.init_state(params)
+        state, m = tr.step(state, frozen, batch)
+        out[tr.streams] = (float(m["loss"]), float(m["grad_norm"]), jax.tree.map(np.asarray, state.params))
+    assert sorted(out) == [1, 2, 4]
+    for n in (2, 4):
+        assert abs(out[n][0] - out[1][0]) < 1e-5 * abs(out[1][0])
+        assert abs(out[n][1] - out[1][1]) < 1e-5 * abs(out[1][1])
+        assert _maxdiff(out[n][2], out[1][2]) < 1e-5  # Adam's first step is ~lr * sign(g): 1e-3 here
+    with pytest.raises(UserError, match="streams 3 must divide"):
+        T.Trainer(cfg, dataclasses.replace(tc, streams=3), total_steps=4)
+
+
 # ---------------------------------------------------------------------------------- full fine-tune
 def test_loss_falls_and_export_reloads_in_transformers(full_run, base):
     import torch
