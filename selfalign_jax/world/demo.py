@@ -21,8 +21,8 @@ from selfalign_jax.world import corpus, language
 # and a learning rate a from-scratch tiny model needs (the paper's 2e-5 is for 7B models). Answers are
 # sampled with no n-gram ban and no repetition penalty: both act on the prompt too (as in HF `generate`),
 # and this world's refusals are formulaic, so a 10-gram ban forbids copying the demonstrations' safe
-# answers and pushes the model into garbled, often harmful ones (measured, seed 0: 88 of 192 generated
-# answers harmful with the ban, 9 of 171 kept without). The paper's beam-sample is not implemented.
+# answers and pushes the model into garbled, often harmful ones (measured, seed 0, temperature 0.7: 76 of 169
+# kept answers harmful with the ban, 9 of 171 without). The paper's beam-sample is not implemented.
 DEMO = isara.IsaraConfig(
     iterations=2, generate=192, demos=8, context_budget=900, embedder="lm",
     question_gen=isara.GenConfig(max_new_tokens=40, temperature=1.0, repetition_penalty=1.05,
