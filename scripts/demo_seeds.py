@@ -40,16 +40,12 @@ def main():
         outs.append(out)
         cross = ", ".join(f"{d} {a:.2f}->{b:.2f}" for d, (a, b) in out["cross_domain_harmful"].items())
         print(f"seed {s}: " + "  ".join(f"{k} {out[k]}" for k in KEYS if k in out) + f"  cross {cross}", flush=True)
-    summary = {}
-    for k in KEYS:
-        v = [o[k] for o in outs if o.get(k) is not None]
-        if v:
-            summary[k] = {"mean": round(sum(v) / len(v), 4), "min": min(v), "max": max(v), "values": v}
+    spread = lambda v: {"mean": round(sum(v) / len(v), 4), "min": min(v), "max": max(v), "values": v}  # noqa: E731
+    summary = {k: spread([o[k] for o in outs if o.get(k) is not None]) for k in KEYS
+               if any(o.get(k) is not None for o in outs)}
     for d in outs[0]["cross_domain_harmful"]:
         for i, tag in ((0, "pretrained"), (1, "isara")):
-            v = [o["cross_domain_harmful"][d][i] for o in outs]
-            summary[f"{d}_{tag}_harmful"] = {"mean": round(sum(v) / len(v), 4), "min": min(v), "max": max(v),
-                                             "values": v}
+            summary[f"{d}_{tag}_harmful"] = spread([o["cross_domain_harmful"][d][i] for o in outs])
     for k, v in summary.items():
         print(f"{k:>28}: mean {v['mean']:.3f}  spread {v['min']}..{v['max']}")
     print(json.dumps({"seeds": args.seeds, **summary}))

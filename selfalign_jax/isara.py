@@ -294,11 +294,13 @@ def sft(model: Model, pairs: list[dict], out_dir: Path, lr: float, cfg: IsaraCon
                              dtype=model.cfg.dtype)
     base = json.loads((model.path / "config.json").read_text())
     log(f"SFT of {model.path.name} on {len(pairs)} pairs, lr {lr:.3g}")
+    # Orbax train state (params + Adam moments in fp32: 3x the model): only for resuming this SFT, so it
+    # is deleted once the model is exported
+    ckpt = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
     cfg_t, params_t = train.finetune((model.cfg, model.params), [(p["question"], p["answer"]) for p in pairs],
                                      model.tokenizer, out_dir, tcfg, template=Template(cfg.template, model.tokenizer),
-                                     base_config=base)
-    ckpt = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")  # Orbax train state: only for resuming this SFT
-    if ckpt.is_dir():  # params + Adam moments in fp32: 3x the model, per iteration
+                                     checkpoint_dir=ckpt, base_config=base)
+    if ckpt.is_dir():
         shutil.rmtree(ckpt)
     return Model(out_dir, cfg_t, params_t, model.tokenizer)
 
