@@ -260,11 +260,16 @@ class InOut:
 
 
 def _linear(x, w, b=None):
-    """x[..., in] @ w[out, in].T (+ b); w may be an InOut ([in, out])."""
+    """x[..., in] @ w[out, in].T (+ b); w may be an InOut ([in, out]).
+    As one 2-D matmul over the flattened leading dims (a free reshape): XLA:CPU then computes the
+    weight gradient x[n, in]^T @ dy[n, out] with no transposed copy of either operand (with two
+    contracting dims it transposes one; measured: an MLP's train step 25% slower)."""
+    x_NxI = x.reshape(-1, x.shape[-1])
     if isinstance(w, InOut):
-        y = jnp.einsum("...i,io->...o", x, w.w)
+        y_NxO = jnp.einsum("ni,io->no", x_NxI, w.w)
     else:
-        y = jnp.einsum("...i,oi->...o", x, w)
+        y_NxO = jnp.einsum("ni,oi->no", x_NxI, w)
+    y = y_NxO.reshape(*x.shape[:-1], y_NxO.shape[-1])
     return y if b is None else y + b
 
 
@@ -352,6 +357,37 @@ def _mask(cfg: Config, i: int, qpos, kpos):
     return ok
 
 
+QUERY_BLOCK = 128
+
+
+def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_BxT):
+    """Attention of a whole sequence to itself (no cache), in blocks of QUERY_BLOCK queries: block
+    [a, e) sees keys [0, e) only (positions rise along the row, so later keys are masked anyway):
+    the upper triangle is never computed, and each block's [B, K, G*c, e] scores fit the cache.
+    Heads are grouped as [B, K, G*c, H] x [B, K, e, H]: every matmul reads its operands in place
+    (measured on XLA:CPU, one layer at 8 x 512 tokens: forward and backward 1.9x faster than one
+    [B, K, G, T, S] einsum). Returns o_BxKxGxTxH. Rows with no visible key (padding) are junk."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    G = N // K
+    neg = jnp.finfo(jnp.float32).min
+    q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+    outs = []
+    for a in range(0, T, QUERY_BLOCK):
+        e = min(a + QUERY_BLOCK, T)
+        c = e - a
+        q_BxKxQxH = q_BxKxGxTxH[:, :, :, a:e].reshape(B, K, G * c, H)
+        s = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, k_BxKxSxH[:, :, :e],
+                       preferred_element_type=jnp.float32) * (H ** -0.5)
+        qpos = jnp.broadcast_to(pos_BxT[:, None, a:e], (B, G, c)).reshape(B, 1, G * c, 1)
+        ok = _mask(cfg, i, qpos, pos_BxT[:, None, None, :e])
+        p = jax.nn.softmax(jnp.where(ok, s, neg), axis=-1).astype(q_BxTxNxH.dtype)
+        o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxSxH[:, :, :e])
+        outs.append(o.reshape(B, K, G, c, H))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+
+
 def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     """Self-attention of layer i. `kv` = (k_BxKxHxS, v_BxKxSxH, pos_BxS, end) to use a cache;
     returns (out_BxTxD, (k, v)) where (k, v) are the updated cache arrays (or this block's keys)."""
@@ -365,12 +401,8 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
         q, k = rope(cfg, q, pos_BxT), rope(cfg, k, pos_BxT)
     neg = jnp.finfo(jnp.float32).min
     if kv is None:
-        q_BxTxKxGxH = q.reshape(B, T, K, G, H)
-        s = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k, preferred_element_type=jnp.float32) * (H ** -0.5)
-        ok = _mask(cfg, i, pos_BxT[:, None, None, :, None], pos_BxT[:, None, None, None, :])
-        p = jax.nn.softmax(jnp.where(ok, s, neg), axis=-1).astype(q.dtype)
-        o_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", p, v)
-        out = _linear(o_BxTxKxGxH.reshape(B, T, N * H), lp.o, lp.o_b)
+        o_BxKxGxTxH = _causal_attention(cfg, i, q, k, v, pos_BxT)
+        out = _linear(o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), lp.o, lp.o_b)
         return out, (k, v)
     ck, cv, kpos_BxS, end = kv
     # new keys/values into the cache (the transposes touch only the T new tokens)
