@@ -357,35 +357,41 @@ def _mask(cfg: Config, i: int, qpos, kpos):
     return ok
 
 
-QUERY_BLOCK = 128
+QUERY_BLOCK = 64
 
 
 def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_BxT):
     """Attention of a whole sequence to itself (no cache), in blocks of QUERY_BLOCK queries: block
     [a, e) sees keys [0, e) only (positions rise along the row, so later keys are masked anyway):
     the upper triangle is never computed, and each block's [B, K, G*c, e] scores fit the cache.
-    Heads are grouped as [B, K, G*c, H] x [B, K, e, H]: every matmul reads its operands in place
-    (measured on XLA:CPU, one layer at 8 x 512 tokens: forward and backward 1.9x faster than one
-    [B, K, G, T, S] einsum). Returns o_BxKxGxTxH. Rows with no visible key (padding) are junk."""
+    Heads are grouped as [B, K, G*c, H] x [B, K, e, H]: every matmul reads its operands in place.
+    Queries, keys and values are split into blocks (not sliced), so their gradients are
+    concatenations and sums of blocks, not sums of zero-padded copies. Measured on XLA:CPU, one
+    layer's forward + backward at 2 x 512 tokens: 3x faster than one [B, K, G, T, S] einsum.
+    Returns o_BxKxGxTxH. Rows with no visible key (padding) are junk."""
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxSxKxH.shape[2]
     G = N // K
     neg = jnp.finfo(jnp.float32).min
-    q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
-    k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+    cuts = list(range(QUERY_BLOCK, T, QUERY_BLOCK))
+    qs = jnp.split(q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4), cuts, axis=3)
+    ks = jnp.split(k_BxSxKxH.transpose(0, 2, 1, 3), cuts, axis=2)
+    vs = jnp.split(v_BxSxKxH.transpose(0, 2, 1, 3), cuts, axis=2)
+    ps = jnp.split(pos_BxT, cuts, axis=1)
     outs = []
-    for a in range(0, T, QUERY_BLOCK):
-        e = min(a + QUERY_BLOCK, T)
-        c = e - a
-        q_BxKxQxH = q_BxKxGxTxH[:, :, :, a:e].reshape(B, K, G * c, H)
-        s = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, k_BxKxSxH[:, :, :e],
+    for j, q_BxKxGxCxH in enumerate(qs):
+        c = q_BxKxGxCxH.shape[3]
+        k_BxKxExH = jnp.concatenate(ks[:j + 1], axis=2)
+        v_BxKxExH = jnp.concatenate(vs[:j + 1], axis=2)
+        kpos_BxE = jnp.concatenate(ps[:j + 1], axis=1)
+        s = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGxCxH.reshape(B, K, G * c, H), k_BxKxExH,
                        preferred_element_type=jnp.float32) * (H ** -0.5)
-        qpos = jnp.broadcast_to(pos_BxT[:, None, a:e], (B, G, c)).reshape(B, 1, G * c, 1)
-        ok = _mask(cfg, i, qpos, pos_BxT[:, None, None, :e])
+        qpos = jnp.broadcast_to(ps[j][:, None], (B, G, c)).reshape(B, 1, G * c, 1)
+        ok = _mask(cfg, i, qpos, kpos_BxE[:, None, None, :])
         p = jax.nn.softmax(jnp.where(ok, s, neg), axis=-1).astype(q_BxTxNxH.dtype)
-        o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxSxH[:, :, :e])
+        o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxExH)
         outs.append(o.reshape(B, K, G, c, H))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return jnp.concatenate(outs, axis=3)
 
 
 def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
