@@ -372,11 +372,16 @@ def _cast(tree, dtype):
 
 
 def token_nll(params: M.Params, cfg: M.Config, batch: dict, remat: bool = False, fused: bool = True,
-              chunk_tokens: int = 512):
+              chunk_tokens: int = 512, streams: int = 1):
     """(sum over weighted positions of -log p(target), sum of weights) for one [b, T] batch.
     fused: the fused LM-head + cross-entropy (`fused_xent`, no [b, T, V] logits kept); else the
-    plain `model.logits` + logsumexp (reference)."""
-    h, _ = M.apply(params, cfg, batch["tokens"], batch["pos"], remat=remat)
+    plain `model.logits` + logsumexp (reference). streams: the model runs on that many independent
+    row slices (the same sums; on CPU their ops overlap across cores, filling the idle time of one
+    chain); the loss then runs once on all rows (its matmuls are large enough to use every core)."""
+    b = batch["tokens"].shape[0]
+    hs = [M.apply(params, cfg, batch["tokens"][i * b // streams:(i + 1) * b // streams],
+                  batch["pos"][i * b // streams:(i + 1) * b // streams], remat=remat)[0] for i in range(streams)]
+    h = hs[0] if streams == 1 else jnp.concatenate(hs, axis=0)
     w = batch["weights"]
     if fused:
         w_VxE = params.embed if params.lm_head is None else params.lm_head
@@ -387,40 +392,63 @@ def token_nll(params: M.Params, cfg: M.Config, batch: dict, remat: bool = False,
     return jnp.sum((lse - tgt) * w), jnp.sum(w)
 
 
-def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
-    """sum(weights * nll) and its gradients w.r.t. h and w, one sequence chunk at a time: logits
-    [b, c, V] (fp32) exist for one chunk only; the gradient of the logits, (softmax - onehot) * w,
-    is formed right away and multiplied into dh and dW (the loss is the step's only output, so the
-    backward pass needs no logits). Chunks run along the sequence, so the batch sharding stays."""
-    B, T, E = h_BxTxE.shape
-    c = max(1, min(T, chunk_tokens // max(B, 1)))
-    while T % c:
-        c -= 1
-    n = T // c
-    split = lambda x: jnp.moveaxis(x.reshape(B, n, c, *x.shape[2:]), 1, 0)  # noqa: E731
-    V = w_VxE.shape[0]
-    w_ExV = w_VxE.T  # one transpose per step: every dot below then has its fast operand layouts
+def _divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n that is <= at_most (>= 1)."""
+    d = max(1, min(n, at_most))
+    while n % d:
+        d -= 1
+    return d
 
-    def body(dWt, xs):
-        h, t, w = xs
-        lg = jnp.einsum("bce,ev->bcv", h, w_ExV, preferred_element_type=jnp.float32)
+
+def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
+    """sum(weights * nll) and its gradients w.r.t. h and w, a chunk of positions at a time: logits
+    [b*c, V] (fp32) exist for one chunk only; the gradient of the logits, (softmax - onehot) * w,
+    is formed right away and multiplied into dh and dW (the loss is the step's only output, so the
+    backward pass needs no logits).
+
+    Only positions that carry loss are computed: each row's weighted positions are moved to its
+    front (a stable sort along the row), and the loop stops after the longest row's count, in
+    chunks of c positions and then a tail of c/8-position chunks. Prompt and padding positions
+    cost no LM-head matmul (dh there is 0, as is their true gradient). The sort and the chunks
+    run along the sequence, so the batch sharding stays."""
+    B, T, E = h_BxTxE.shape
+    V = w_VxE.shape[0]
+    c = _divisor(T, chunk_tokens // max(B, 1))
+    ct = _divisor(c, c // 8)
+    order_BxT = jnp.argsort(weights_BxT <= 0, axis=1, stable=True)  # weighted positions first
+    h_s = jnp.take_along_axis(h_BxTxE, order_BxT[..., None], axis=1)
+    t_s = jnp.take_along_axis(targets_BxT, order_BxT, axis=1)
+    w_s = jnp.take_along_axis(weights_BxT.astype(jnp.float32), order_BxT, axis=1)
+    live = jnp.max(jnp.sum(weights_BxT > 0, axis=1)).astype(jnp.int32)
+    n_full = live // c
+    n_tail = (live - n_full * c + ct - 1) // ct
+    w_ExV = w_VxE.T  # one transpose per step: the logits matmul reads [E, V] in place
+
+    def chunk(start, n, carry):
+        dWt, dh_s, loss = carry
+        h = jax.lax.dynamic_slice_in_dim(h_s, start, n, axis=1).reshape(B * n, E)
+        t = jax.lax.dynamic_slice_in_dim(t_s, start, n, axis=1).reshape(B * n)
+        w = jax.lax.dynamic_slice_in_dim(w_s, start, n, axis=1).reshape(B * n)
+        lg = jnp.einsum("ne,ev->nv", h, w_ExV, preferred_element_type=jnp.float32)
         m = jax.lax.stop_gradient(lg.max(-1, keepdims=True))
         e = jnp.exp(lg - m)
         s = e.sum(-1, keepdims=True)
-        lse = jnp.log(s[..., 0]) + m[..., 0]
-        hit = jax.lax.broadcasted_iota(jnp.int32, lg.shape, 2) == t[..., None]
+        lse = jnp.log(s[:, 0]) + m[:, 0]
+        hit = jax.lax.broadcasted_iota(jnp.int32, lg.shape, 1) == t[:, None]
         tgt = jnp.sum(jnp.where(hit, lg, 0.0), -1)
-        loss = jnp.sum(w * (lse - tgt))
-        dlg = ((e / s - hit.astype(jnp.float32)) * w[..., None]).astype(h.dtype)
-        dh = jnp.einsum("bcv,ev->bce", dlg, w_ExV, preferred_element_type=jnp.float32)
-        dWt = dWt + jnp.einsum("bcv,bce->ev", dlg, h, preferred_element_type=jnp.float32)
-        return dWt, (loss, dh)
+        loss = loss + jnp.sum(w * (lse - tgt))
+        dlg = ((e / s - hit.astype(jnp.float32)) * w[:, None]).astype(h.dtype)
+        dh = jnp.einsum("nv,ev->ne", dlg, w_ExV, preferred_element_type=jnp.float32)
+        dh_s = jax.lax.dynamic_update_slice_in_dim(dh_s, dh.reshape(B, n, E), start, axis=1)
+        dWt = dWt + jnp.einsum("nv,ne->ev", dlg, h, preferred_element_type=jnp.float32)
+        return dWt, dh_s, loss
 
-    dWt, (losses, dh) = jax.lax.scan(body, jnp.zeros((E, V), jnp.float32),
-                                     (split(h_BxTxE), split(targets_BxT), split(weights_BxT.astype(jnp.float32))))
-    dW = dWt.T
-    dh = jnp.moveaxis(dh, 0, 1).reshape(B, T, E)
-    return losses.sum(), dh, dW
+    carry = (jnp.zeros((E, V), jnp.float32), jnp.zeros((B, T, E), jnp.float32), jnp.zeros((), jnp.float32))
+    carry = jax.lax.fori_loop(0, n_full, lambda i, cr: chunk(i * c, c, cr), carry)
+    carry = jax.lax.fori_loop(0, n_tail, lambda i, cr: chunk(n_full * c + i * ct, ct, cr), carry)
+    dWt, dh_s, loss = carry
+    dh = jnp.take_along_axis(dh_s, jnp.argsort(order_BxT, axis=1)[..., None], axis=1)
+    return loss, dh, dWt.T
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -546,12 +574,9 @@ class Trainer:
         return _cast(trainable, self.ccfg.jdtype)
 
     def loss(self, trainable, frozen, mb):
-        """(nll sum, weight sum) of one micro-batch, as `streams` independent row slices summed (the
-        same sums; on CPU the slices' ops overlap across cores, filling the idle time of one chain)."""
-        p, b, n = self.model_params(trainable, frozen), mb["tokens"].shape[0], self.streams
-        outs = [token_nll(p, self.ccfg, jax.tree.map(lambda x: x[i * b // n:(i + 1) * b // n], mb), self.tcfg.remat,
-                          fused=self.tcfg.loss_chunk > 0, chunk_tokens=self.tcfg.loss_chunk) for i in range(n)]
-        return sum(o[0] for o in outs), sum(o[1] for o in outs)
+        """(nll sum, weight sum) of one micro-batch (the model in `streams` row slices)."""
+        return token_nll(self.model_params(trainable, frozen), self.ccfg, mb, self.tcfg.remat,
+                         fused=self.tcfg.loss_chunk > 0, chunk_tokens=self.tcfg.loss_chunk, streams=self.streams)
 
     def _grads(self, trainable, frozen, batch):
         """Sum over micro-batches of (nll sum, d nll sum / d trainable)."""

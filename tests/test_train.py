@@ -156,16 +156,24 @@ def test_loss_equals_transformers_loss_with_prompt_masked(base):
     assert abs(float(nll2 / n2) - ours) > 1e-2
 
 
-def test_fused_xent_equals_plain_loss_and_grads():
-    """The chunked LM-head + cross-entropy gives the plain logits path's loss and gradients."""
+@pytest.mark.parametrize("pattern", ["scattered", "uneven rows"])
+def test_fused_xent_equals_plain_loss_and_grads(pattern):
+    """The chunked LM-head + cross-entropy (weighted positions only, full chunks then a tail) gives
+    the plain logits path's loss and gradients."""
     cfg = M.Config(family="llama", vocab_size=300, hidden=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                    intermediate=48, max_pos=64)
     p = M.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
     rng = np.random.default_rng(0)
-    b = {"tokens": rng.integers(0, 300, (2, 24)).astype(np.int32), "targets": rng.integers(0, 300, (2, 24)).astype(np.int32),
-         "pos": np.tile(np.arange(24, dtype=np.int32), (2, 1)), "weights": (rng.random((2, 24)) > 0.4).astype(np.float32)}
+    B = 3
+    w = (rng.random((B, 24)) > 0.4).astype(np.float32)
+    if pattern == "uneven rows":  # a prompt-only row, a row with loss on its last 5 positions, fractional weights
+        w = np.zeros((B, 24), np.float32)
+        w[1, 19:] = 1.0
+        w[2, 3:17] = 0.5
+    b = {"tokens": rng.integers(0, 300, (B, 24)).astype(np.int32), "targets": rng.integers(0, 300, (B, 24)).astype(np.int32),
+         "pos": np.tile(np.arange(24, dtype=np.int32), (B, 1)), "weights": w}
     ref_l, ref_g = jax.value_and_grad(lambda p: T.token_nll(p, cfg, b, fused=False)[0])(p)
-    for chunk in (512, 16):  # one chunk, and several
+    for chunk in (512, 48, 24):  # one chunk; 16 positions per chunk + 2-position tail chunks; 8 + 1
         l, g = jax.value_and_grad(lambda p: T.token_nll(p, cfg, b, chunk_tokens=chunk)[0])(p)
         assert abs(float(l) - float(ref_l)) < 1e-4 * abs(float(ref_l))
         rel = jax.tree.map(lambda a, c: float(np.abs(a - c).max() / (np.abs(c).max() + 1e-30)), g, ref_g)
