@@ -16,6 +16,12 @@ MFU = model FLOPs per step / step time / peak, with model FLOPs = 6 * (parameter
 embedding) * tokens + 12 * layers * hidden * seq * tokens (PaLM appendix B), and the peak measured
 here: the best of several jitted 2048^3 fp32 matmuls.
 
+Ours runs as the `selfalign` command runs it: with glibc's huge-page tunable where it applies
+(`selfalign_jax.hostmem`: XLA:CPU maps its per-step temporaries afresh each call; 2 MiB pages
+instead of 4 KiB ones save most of the page-fault time). It also runs with plain 4 KiB pages
+(`ours_4k_*`, `ratio_4k`), and torch runs with its default (the tunable made its step slower here).
+Page faults per step are reported for every side.
+
 Last line: JSON with ours_tok_s, ref_tok_s, ratio, mfu (and more).
 """
 
@@ -48,7 +54,10 @@ inputs, targets = seq[:, :-1], seq[:, 1:]
 weights = data["weights"]                           # [B, T] 0 on the prompt, 1 on answer tokens
 def report(times, cpus, losses, base, extra):
     print(json.dumps({"times": times, "cpu": cpus, "losses": losses, "baseline_rss": base,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}))
+                      "faults": faults, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}))
+faults = []
+def minflt():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 """
 
 OURS = COMMON + r"""
@@ -65,11 +74,11 @@ batch = tr.put_batch({"tokens": inputs[None], "targets": targets[None], "weights
                       "pos": np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape)[None].copy()})
 times, cpus, losses = [], [], []
 for i in range(warmup + steps):
-    t, c = time.perf_counter(), time.process_time()
+    t, c, f = time.perf_counter(), time.process_time(), minflt()
     state, m = tr.step(state, frozen, batch)
     loss = float(m["loss"])                          # blocks until the step is done
     if i >= warmup:
-        times.append(time.perf_counter() - t); cpus.append(time.process_time() - c)
+        times.append(time.perf_counter() - t); cpus.append(time.process_time() - c); faults.append(minflt() - f)
     losses.append(loss)
 report(times, cpus, losses, base, {"threads": os.cpu_count(), "jax": jax.__version__})
 """
@@ -88,7 +97,7 @@ x = torch.tensor(inputs, dtype=torch.long)
 labels = torch.tensor(np.where(weights > 0, targets, -100), dtype=torch.long)  # already shifted
 times, cpus, losses = [], [], []
 for i in range(warmup + steps):
-    t, c = time.perf_counter(), time.process_time()
+    t, c, f = time.perf_counter(), time.process_time(), minflt()
     h = m.model(input_ids=x).last_hidden_state
     logits = m.lm_head(h)
     loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
@@ -97,7 +106,7 @@ for i in range(warmup + steps):
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
     if i >= warmup:
-        times.append(time.perf_counter() - t); cpus.append(time.process_time() - c)
+        times.append(time.perf_counter() - t); cpus.append(time.process_time() - c); faults.append(minflt() - f)
     losses.append(float(loss))
 report(times, cpus, losses, base, {"threads": torch.get_num_threads(), "torch": torch.__version__})
 """
@@ -133,9 +142,9 @@ def build(d: Path) -> dict:
     return {"params": n_params, "embed": CONFIG["vocab_size"] * CONFIG["hidden_size"]}
 
 
-def run(code: str, *args) -> dict:
+def run(code: str, *args, env=None) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                         env={**os.environ})
+                         env=dict(os.environ) if env is None else env)
     if out.returncode:
         raise SystemExit(f"child failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -147,6 +156,8 @@ def median(x):
 
 
 def main():
+    from selfalign_jax import hostmem
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2, help="alternating ours/torch rounds (best counts)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -154,42 +165,59 @@ def main():
     ap.add_argument("--dir", default=None, help="where to build the model (default: a temp dir)")
     args = ap.parse_args()
     threads = os.cpu_count()
+    plain_env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    huge = hostmem.applies(plain_env)
+    # ours as the `selfalign` command runs it (hostmem: huge pages where they apply), ours with 4 KiB
+    # pages, and torch as it runs by default (with the tunable it was slower here: 7.4-7.7 vs 6.7-7.1 s)
+    sides = [("ours", OURS, hostmem.env(plain_env) if huge else plain_env)]
+    if huge:
+        sides.append(("ours_4k", OURS, plain_env))
+    sides.append(("torch", TORCH, plain_env))
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(args.dir or tmp) / "bench-train"
         d.mkdir(parents=True, exist_ok=True)
         info = build(d)
-        print(f"model: {info['params'] / 1e6:.1f}M parameters; batch {B} x {T}; threads {threads}", flush=True)
-        peaks, res = [], {"ours": [], "torch": []}
+        print(f"model: {info['params'] / 1e6:.1f}M parameters; batch {B} x {T}; threads {threads}; "
+              f"huge pages for ours: {huge}", flush=True)
+        peaks, res = [], {name: [] for name, _, _ in sides}
         for r in range(args.rounds):
             peaks.append(float(run(PEAK)))
-            for side, code in (("ours", OURS), ("torch", TORCH)):
-                x = run(code, d, args.warmup, args.steps, LR, TOTAL_STEPS, threads)
+            for side, code, env in sides:
+                x = run(code, d, args.warmup, args.steps, LR, TOTAL_STEPS, threads, env=env)
                 x["median"], x["cpu_median"] = median(x["times"]), median(x["cpu"])
                 res[side].append(x)
-                print(f"round {r + 1} {side:>5}: step {x['median']:.3f}s (cpu {x['cpu_median']:.2f}s)  "
-                      f"{B * T / x['median']:.0f} tok/s  peak RSS {x['peak_rss'] / 2**30:.2f} GiB "
-                      f"(before model {x['baseline_rss'] / 2**30:.2f} GiB)  losses "
-                      f"{', '.join(f'{v:.4f}' for v in x['losses'][:3])}", flush=True)
+                print(f"round {r + 1} {side:>7}: step {x['median']:.3f}s (cpu {x['cpu_median']:.2f}s)  "
+                      f"{B * T / x['median']:.0f} tok/s  page faults/step {median(x['faults']):.0f}  "
+                      f"peak RSS {x['peak_rss'] / 2**30:.2f} GiB (before model {x['baseline_rss'] / 2**30:.2f} GiB)  "
+                      f"losses {', '.join(f'{v:.4f}' for v in x['losses'][:3])}", flush=True)
         peaks.append(float(run(PEAK)))
-    o = min(res["ours"], key=lambda x: x["median"])
-    t = min(res["torch"], key=lambda x: x["median"])
+    best = {side: min(v, key=lambda x: x["median"]) for side, v in res.items()}
+    o, t = best["ours"], best["torch"]
+    o4 = best.get("ours_4k", o)
     peak = max(peaks)
     tokens = B * T
     L, D = CONFIG["num_hidden_layers"], CONFIG["hidden_size"]
     flops = 6 * (info["params"] - info["embed"]) * tokens + 12 * L * D * T * tokens
-    ours_tok, ref_tok = tokens / o["median"], tokens / t["median"]
+    ours_tok, ref_tok, ours4_tok = tokens / o["median"], tokens / t["median"], tokens / o4["median"]
     loss_diff = abs(o["losses"][0] - t["losses"][0])
     print(f"peak jitted fp32 matmul: {peak / 1e9:.0f} GFLOP/s; model FLOPs/step {flops / 1e12:.3f} T")
     print(f"ours {ours_tok:.0f} tok/s  torch {ref_tok:.0f} tok/s  ratio {ours_tok / ref_tok:.2f}  "
-          f"(cpu-time ratio {t['cpu_median'] / o['cpu_median']:.2f})  MFU ours {flops / o['median'] / peak:.3f} "
+          f"(4 KiB pages: {ours4_tok:.0f} tok/s, ratio {ours4_tok / ref_tok:.2f}; "
+          f"cpu-time ratio {t['cpu_median'] / o['cpu_median']:.2f})  MFU ours {flops / o['median'] / peak:.3f} "
           f"torch {flops / t['median'] / peak:.3f}  first-step loss diff {loss_diff:.1e}")
     print(json.dumps({
         "ours_tok_s": round(ours_tok, 1), "ref_tok_s": round(ref_tok, 1), "ratio": round(ours_tok / ref_tok, 3),
         "mfu": round(flops / o["median"] / peak, 3), "ref_mfu": round(flops / t["median"] / peak, 3),
+        "huge_pages": huge, "ours_4k_tok_s": round(ours4_tok, 1), "ratio_4k": round(ours4_tok / ref_tok, 3),
+        "mfu_4k": round(flops / o4["median"] / peak, 3),
         "cpu_time_ratio": round(t["cpu_median"] / o["cpu_median"], 3),
-        "ours_step_s": round(o["median"], 3), "ref_step_s": round(t["median"], 3),
+        "ours_step_s": round(o["median"], 3), "ours_4k_step_s": round(o4["median"], 3),
+        "ref_step_s": round(t["median"], 3),
+        "ours_faults_per_step": median(o["faults"]), "ours_4k_faults_per_step": median(o4["faults"]),
+        "ref_faults_per_step": median(t["faults"]),
         "peak_gflops": round(peak / 1e9, 1), "model_tflops_per_step": round(flops / 1e12, 4),
-        "ours_peak_rss_gib": round(o["peak_rss"] / 2**30, 3), "ref_peak_rss_gib": round(t["peak_rss"] / 2**30, 3),
+        "ours_peak_rss_gib": round(o["peak_rss"] / 2**30, 3), "ours_4k_peak_rss_gib": round(o4["peak_rss"] / 2**30, 3),
+        "ref_peak_rss_gib": round(t["peak_rss"] / 2**30, 3),
         "ours_rss_before_model_gib": round(o["baseline_rss"] / 2**30, 3),
         "ref_rss_before_model_gib": round(t["baseline_rss"] / 2**30, 3),
         "first_loss_diff": float(f"{loss_diff:.2e}"), "threads": threads, "batch": [B, T],

@@ -34,6 +34,10 @@ def _load():
 
 
 def main(argv=None):
+    if argv is None:  # the `selfalign` command itself (not a call from Python code)
+        from selfalign_jax import hostmem
+
+        hostmem.reexec()  # huge pages for XLA:CPU's per-call temporaries (see hostmem)
     import tyro
 
     funcs = _load()

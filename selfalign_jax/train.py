@@ -10,6 +10,8 @@ Loss: the token-weighted mean over the whole effective batch,
     loss = sum_{micro-batches, rows, positions} w * nll / sum w,
 so `grad_accum` micro-batches of `batch_size` rows give the same gradient as one batch of
 `batch_size * grad_accum` rows (up to float summation order); clipping and AdamW see that mean.
+The LM head and cross-entropy are fused and chunked (`fused_xent`): no [B, T, V] logits are kept,
+and positions with weight 0 (prompt, padding) get no LM-head matmul at all.
 
 Sharding: a ('data', 'fsdp', 'tensor') mesh (`mesh.make_mesh`); parameters, adapters and optimizer
 state are placed by the logical-axis rules of `model.ShardingRules` (optimizer moments inherit
@@ -85,8 +87,9 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = L.TARGETS
     remat: bool = False  # rematerialise each layer in the backward pass
     loss_chunk: int = 512  # tokens per chunk of the fused LM-head + cross-entropy (0: plain, full logits)
-    streams: int = 0  # independent sub-batches per micro-batch in one graph, so XLA:CPU runs their ops
-    # side by side on the cores (0: auto = 4 on a single CPU device when the rows divide, else 1)
+    streams: int = 0  # independent sub-batches per micro-batch through the model in one graph, so
+    # XLA:CPU runs their ops side by side on the cores (0: auto = 4 on a single CPU device when the rows
+    # divide, else 1); the fused loss then runs once over all rows
     dtype: str = "float32"  # compute dtype (float32 | bfloat16); masters and Adam moments stay fp32
     seed: int = 0  # data order and LoRA init
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
