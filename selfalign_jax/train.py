@@ -418,11 +418,11 @@ def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
     V = w_VxE.shape[0]
     c = _divisor(T, chunk_tokens // max(B, 1))
     ct = _divisor(c, c // 8)
-    order_BxT = jnp.argsort(weights_BxT <= 0, axis=1, stable=True)  # weighted positions first
+    order_BxT = jnp.argsort(weights_BxT == 0, axis=1, stable=True)  # weighted positions first
     h_s = jnp.take_along_axis(h_BxTxE, order_BxT[..., None], axis=1)
     t_s = jnp.take_along_axis(targets_BxT, order_BxT, axis=1)
     w_s = jnp.take_along_axis(weights_BxT.astype(jnp.float32), order_BxT, axis=1)
-    live = jnp.max(jnp.sum(weights_BxT > 0, axis=1)).astype(jnp.int32)
+    live = jnp.max(jnp.sum(weights_BxT != 0, axis=1)).astype(jnp.int32)
     n_full = live // c
     n_tail = (live - n_full * c + ct - 1) // ct
     w_ExV = w_VxE.T  # one transpose per step: the logits matmul reads [E, V] in place
