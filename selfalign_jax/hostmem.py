@@ -2,9 +2,9 @@
 
 XLA:CPU allocates an executable's temporaries afresh on every call: for the bench train step
 (`scripts/bench_train.py`) one block of 2.8 GB, which the kernel maps in 4 KiB pages on first
-touch, every step: ~680,000 page faults and ~1.3 s of system time per 6 s step on a 2-core machine.
-glibc's `glibc.malloc.hugetlb=1` tunable has malloc advise transparent huge pages for such
-blocks (2 MiB pages: ~15,000 faults, 0.25 s). Measured there: step 6.3 s -> 5.6 s.
+touch, every step: ~700,000-750,000 page faults and ~1.3 s of system time per step on a 2-core
+machine. glibc's `glibc.malloc.hugetlb=1` tunable has malloc advise transparent huge pages for
+such blocks (2 MiB pages: 7,000-17,000 faults, 0.25 s). Measured there: step 6.35 s -> 5.72-5.83 s.
 
 glibc reads tunables once, at process start, so the `selfalign` command re-executes itself once
 with the tunable added to GLIBC_TUNABLES (only where it applies: Linux, glibc >= 2.35, THP in
