@@ -357,6 +357,11 @@ def _mask(cfg: Config, i: int, qpos, kpos):
     return ok
 
 
+def _masked_softmax(s, ok, dtype):
+    """Softmax over the last axis of fp32 scores where `ok` (masked entries get exactly 0), cast to dtype."""
+    return jax.nn.softmax(jnp.where(ok, s, jnp.finfo(jnp.float32).min), axis=-1).astype(dtype)
+
+
 QUERY_BLOCK = 64
 
 
@@ -372,7 +377,6 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
     B, T, N, H = q_BxTxNxH.shape
     K = k_BxSxKxH.shape[2]
     G = N // K
-    neg = jnp.finfo(jnp.float32).min
     cuts = list(range(QUERY_BLOCK, T, QUERY_BLOCK))
     qs = jnp.split(q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4), cuts, axis=3)
     ks = jnp.split(k_BxSxKxH.transpose(0, 2, 1, 3), cuts, axis=2)
@@ -388,7 +392,7 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
                        preferred_element_type=jnp.float32) * (H ** -0.5)
         qpos = jnp.broadcast_to(ps[j][:, None], (B, G, c)).reshape(B, 1, G * c, 1)
         ok = _mask(cfg, i, qpos, kpos_BxE[:, None, None, :])
-        p = jax.nn.softmax(jnp.where(ok, s, neg), axis=-1).astype(q_BxTxNxH.dtype)
+        p = _masked_softmax(s, ok, q_BxTxNxH.dtype)
         o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxExH)
         outs.append(o.reshape(B, K, G, c, H))
     return jnp.concatenate(outs, axis=3)
@@ -405,7 +409,6 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     v = _linear(x_BxTxD, lp.v, lp.v_b).reshape(B, T, K, H)
     if cfg.rope_theta is not None:
         q, k = rope(cfg, q, pos_BxT), rope(cfg, k, pos_BxT)
-    neg = jnp.finfo(jnp.float32).min
     if kv is None:
         o_BxKxGxTxH = _causal_attention(cfg, i, q, k, v, pos_BxT)
         out = _linear(o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), lp.o, lp.o_b)
@@ -420,7 +423,7 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
                    preferred_element_type=jnp.float32) * (H ** -0.5)
     qpos = jnp.broadcast_to(pos_BxT[:, None, :], (B, G, T)).reshape(B, 1, G * T, 1)
     ok = _mask(cfg, i, qpos, kpos_BxS[:, None, None, :])
-    p = jax.nn.softmax(jnp.where(ok, s, neg), axis=-1).astype(q.dtype)
+    p = _masked_softmax(s, ok, q.dtype)
     o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxSxH.astype(q.dtype))  # [B, K, G*T, H]
     o_BxTxNH = o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
     return _linear(o_BxTxNH, lp.o, lp.o_b), (k_BxKxHxS, v_BxKxSxH)
