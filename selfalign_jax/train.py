@@ -382,8 +382,8 @@ def token_nll(params: M.Params, cfg: M.Config, batch: dict, remat: bool = False,
     row slices (the same sums; on CPU their ops overlap across cores, filling the idle time of one
     chain); the loss then runs once on all rows (its matmuls are large enough to use every core)."""
     b = batch["tokens"].shape[0]
-    hs = [M.apply(params, cfg, batch["tokens"][i * b // streams:(i + 1) * b // streams],
-                  batch["pos"][i * b // streams:(i + 1) * b // streams], remat=remat)[0] for i in range(streams)]
+    rows = [slice(i * b // streams, (i + 1) * b // streams) for i in range(streams)]
+    hs = [M.apply(params, cfg, batch["tokens"][r], batch["pos"][r], remat=remat)[0] for r in rows]
     h = hs[0] if streams == 1 else jnp.concatenate(hs, axis=0)
     w = batch["weights"]
     if fused:
