@@ -93,7 +93,6 @@ def main():
 
     torch.set_num_threads(args.threads)
     import jax
-    import jax.numpy as jnp
 
     from selfalign_jax import checkpoint, sampling as S, model as M
 

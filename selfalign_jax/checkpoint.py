@@ -13,14 +13,13 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from selfalign_jax import fileio
 from selfalign_jax import model as M
 from selfalign_jax.errors import UserError
 
@@ -339,9 +338,7 @@ def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: s
     dtype = dtype or cfg.dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: unsupported {dtype!r} (float32, bfloat16, float16)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with fileio.atomic(out, directory=True) as tmp:
         conf = {**(base_config or {}), **config_to_hf(cfg)}
         conf["dtype"] = conf["torch_dtype"] = dtype
         conf.pop("transformers_version", None)
@@ -376,10 +373,4 @@ def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: s
                     shutil.copy2(Path(tokenizer_from) / f, tmp / f)
         elif tokenizer_from is not None:
             tokenizer_from.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

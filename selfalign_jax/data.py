@@ -8,7 +8,6 @@ API:
     Sample(question, answer="", category=None, source=None, iteration=None, id=None,
            correct_answers=None, incorrect_answers=None, extra={})
     read_jsonl(path, require_answer=True) -> list[Sample]      # plain schema, validated
-    write_jsonl(path, samples) -> None                          # atomic (temp file + os.replace)
     load(path, fmt="auto") -> Loaded(samples, format, skipped)  # any FORMATS reader
     read_samples(path, fmt="auto") -> list[Sample]
     detect_format(path) -> str
@@ -20,18 +19,15 @@ Bad input raises `UserError` naming the file and line (or item/field).
 
 import csv
 import dataclasses
-import gzip
 import io
-import json
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from selfalign_jax import fileio
 from selfalign_jax.errors import UserError
 
 FORMATS = ("auto", "qa", "alpaca", "alpaca-eval", "hh-rlhf", "beavertails-eval", "beavertails", "truthfulqa")
@@ -81,77 +77,9 @@ class Loaded:
 # ---------------------------------------------------------------- low-level reading
 
 
-def _open(path: Path):
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-
-
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-
-
-def _read_all(path: Path) -> str:
-    """Whole file as text; a bad byte is reported with its line number."""
-    try:
-        with _open(path) as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        col = e.start - raw.rfind(b"\n", 0, e.start)
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col})") from None
-
-
-def _records(path: Path):
-    """Yield (where, dict) from a .jsonl[.gz] (one object a line) or a .json[.gz] array."""
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(".json"):
-        text = _read_all(path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON array of objects")
-        for i, obj in enumerate(data, 1):
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}: item {i}: expected a JSON object, got {type(obj).__name__}")
-            yield f"{path}: item {i}", obj
-        return
-    try:
-        with _open(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                line = _decode(raw, where).strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                yield where, obj
-    except (OSError, EOFError) as e:  # truncated or corrupt gzip
-        raise UserError(f"{path}: cannot read ({e})") from None
-
-
 def _csv_rows(path: Path, required: tuple[str, ...]):
     """Yield (where, row dict) from a CSV with a header; checks columns and field counts."""
-    reader = csv.reader(io.StringIO(_read_all(path), newline=""))
+    reader = csv.reader(io.StringIO(fileio.read_text(path), newline=""))
     try:
         header = next(reader)
     except StopIteration:
@@ -200,7 +128,8 @@ def _question(obj: dict, key: str, where: str) -> str:
 # ---------------------------------------------------------------- plain schema
 
 
-def _plain(obj: dict, where: str, require_answer: bool) -> Sample:
+def plain_sample(obj: dict, where: str, require_answer: bool) -> Sample:
+    """A Sample from one plain-schema record (`where` names it in errors)."""
     q = _question(obj, "question", where)
     if require_answer and "answer" not in obj:
         raise UserError(f"{where}: missing field 'answer' (write \"answer\": \"\" for question-only rows)")
@@ -221,24 +150,7 @@ def _plain(obj: dict, where: str, require_answer: bool) -> Sample:
 def read_jsonl(path, require_answer: bool = True) -> list[Sample]:
     """Read a plain-schema JSONL (or .jsonl.gz / .json array) file, validating every line."""
     path = Path(path)
-    return [_plain(obj, where, require_answer) for where, obj in _records(path)]
-
-
-def write_jsonl(path, samples) -> None:
-    """Write samples (Sample or dict) one JSON object a line, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for s in samples:
-                d = s.to_dict() if isinstance(s, Sample) else s
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return [plain_sample(obj, where, require_answer) for where, obj in fileio.records(path)]
 
 
 # ---------------------------------------------------------------- readers, one per public schema
@@ -251,7 +163,7 @@ def _read_qa(path: Path, skipped: Counter) -> list[Sample]:
 def _read_alpaca(path: Path, skipped: Counter) -> list[Sample]:
     """`{instruction, input, output}` rows, or seed tasks `{instruction, instances: [{input, output}]}`."""
     out = []
-    for where, obj in _records(path):
+    for where, obj in fileio.records(path):
         inst = _question(obj, "instruction", where)
         if "instances" in obj:
             insts = obj["instances"]
@@ -277,7 +189,7 @@ def _read_alpaca(path: Path, skipped: Counter) -> list[Sample]:
 def _read_alpaca_eval(path: Path, skipped: Counter) -> list[Sample]:
     """AlpacaEval `{instruction, output, generator, dataset}`; `dataset` becomes the category."""
     out = []
-    for where, obj in _records(path):
+    for where, obj in fileio.records(path):
         q = _question(obj, "instruction", where)
         a = _str(obj, "output", where, required=False) or ""
         gen = _str(obj, "generator", where, required=False)
@@ -298,7 +210,7 @@ def parse_hh(transcript: str) -> list[tuple[str, str]]:
 def _read_hh(path: Path, skipped: Counter) -> list[Sample]:
     """HH-RLHF `{chosen, rejected}`: the first Human turn and the Assistant reply after it in `chosen`."""
     out = []
-    for where, obj in _records(path):
+    for where, obj in fileio.records(path):
         _str(obj, "rejected", where)
         turns = parse_hh(_str(obj, "chosen", where))
         if not turns or turns[0][0] != "Human":
@@ -349,7 +261,7 @@ def _read_beavertails(path: Path, skipped: Counter) -> list[Sample]:
     the HF release, so its category is the union of labels flagged on any response to the same prompt.
     """
     is_csv = path.name.lower().removesuffix(".gz").endswith(".csv")
-    rows = _csv_rows(path, ("prompt", "response", "is_safe")) if is_csv else _records(path)
+    rows = _csv_rows(path, ("prompt", "response", "is_safe")) if is_csv else fileio.records(path)
     labels: dict[str, list[str]] = {}
     safe: dict[str, tuple[str, list[str]]] = {}
     for where, obj in rows:
@@ -428,7 +340,7 @@ def detect_format(path) -> str:
     path = Path(path)
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(".csv"):
-        text = _read_all(path)
+        text = fileio.read_text(path)
         try:
             header = next(csv.reader(io.StringIO(text, newline="")), [])
         except csv.Error:
@@ -436,7 +348,7 @@ def detect_format(path) -> str:
         keys = {h.strip() for h in header}
     elif name.endswith((".jsonl", ".json")):
         keys = set()
-        for _, obj in _records(path):
+        for _, obj in fileio.records(path):
             keys = set(obj)
             break
     else:

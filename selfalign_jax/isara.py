@@ -17,11 +17,8 @@ exists, so re-running the same command resumes. Every random draw comes from a k
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -136,28 +133,6 @@ def stage_key(seed: int, t: int, stage: str):
     import jax
 
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), t), STAGES[stage])
-
-
-def write_jsonl(path: Path, rows) -> None:
-    """Atomic: a temp file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def log(msg: str) -> None:

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from selfalign_jax import isara
+from selfalign_jax import fileio, isara
 from selfalign_jax.errors import UserError
 
 ROW_ORDER = ["pretrained", "sft", "icl-knn", "icl-random", "one-round"]
@@ -66,9 +66,9 @@ class RunDir:
                     raise UserError(f"{self.root}: made with a different config ({', '.join(diff)}); "
                                     "use --force to start over (old results are moved aside)")
                 self._supersede()
-        isara.write_json(p, ident)
+        fileio.write_json(p, ident)
         if not (self.root / "seeds.jsonl").is_file():
-            isara.write_jsonl(self.root / "seeds.jsonl", self.seeds)
+            fileio.write_jsonl(self.root / "seeds.jsonl", self.seeds)
 
     def _supersede(self):
         n = 1 + len(list(self.root.glob("superseded-*")))
@@ -116,20 +116,20 @@ class RunDir:
     def stage(self, path: Path, fn) -> list[dict]:
         if path.is_file():
             isara.log(f"{path.relative_to(self.root)}: done, reusing")
-            return isara.read_jsonl(path)
+            return fileio.read_jsonl(path)
         t0 = time.time()
         rows = fn()
-        isara.write_jsonl(path, rows)
+        fileio.write_jsonl(path, rows)
         isara.log(f"{path.relative_to(self.root)}: {len(rows)} rows in {time.time() - t0:.1f}s")
         return rows
 
     def filter_stage(self, it: Path, fn) -> list[dict]:
         if (it / "kept.jsonl").is_file() and (it / "filter.json").is_file():
-            return isara.read_jsonl(it / "kept.jsonl")
+            return fileio.read_jsonl(it / "kept.jsonl")
         kept, drops = fn()
-        n = len(isara.read_jsonl(it / "answers.jsonl"))
-        isara.write_json(it / "filter.json", {"candidates": n, "kept": len(kept), "dropped": drops})
-        isara.write_jsonl(it / "kept.jsonl", kept)
+        n = len(fileio.read_jsonl(it / "answers.jsonl"))
+        fileio.write_json(it / "filter.json", {"candidates": n, "kept": len(kept), "dropped": drops})
+        fileio.write_jsonl(it / "kept.jsonl", kept)
         isara.log(f"{it.name}: kept {len(kept)} of {n} (dropped: "
                   + ", ".join(f"{k} {v}" for k, v in drops.items() if v) + ")")
         return kept
@@ -153,9 +153,9 @@ class RunDir:
             return json.loads((d / "metrics.json").read_text())
         t0 = time.time()
         rows, metrics = isara.evaluate(model(), self.eval_set, scorer, self.cfg, demos_for)
-        isara.write_jsonl(d / "eval.jsonl", rows)
+        fileio.write_jsonl(d / "eval.jsonl", rows)
         out = {"row": row, "iteration": iteration, **metrics}
-        isara.write_json(d / "metrics.json", out)
+        fileio.write_json(d / "metrics.json", out)
         isara.log(f"{name}: evaluated in {time.time() - t0:.1f}s: "
                   + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         return out
@@ -165,7 +165,7 @@ class RunDir:
         from selfalign_jax import report
 
         rows = collect_rows(self.root, len(self.seeds))
-        isara.write_jsonl(self.root / "metrics.jsonl", rows)
+        fileio.write_jsonl(self.root / "metrics.jsonl", rows)
         report.write(self.root, rows)
         return rows
 
@@ -220,7 +220,7 @@ def baseline(kind: str, model_dir, seeds, run_dir, cfg, eval_set, scorer, force=
         if not (sub / "metrics.json").is_file():
             one = dataclasses.replace(cfg, iterations=1, generate=cfg.iterations * cfg.generate)
             rows = isara.run(model_dir, seeds, sub, one, eval_set, scorer, force, eval_pretrained=False)
-            isara.write_json(sub / "metrics.json", {**rows[-1], "row": "one-round", "iteration": None})
+            fileio.write_json(sub / "metrics.json", {**rows[-1], "row": "one-round", "iteration": None})
     else:
         raise UserError(f"--kind: unknown baseline {kind!r}")
     return run.finish()

@@ -40,7 +40,6 @@ def table(rows: list[dict]) -> str:
 
 
 def write(root: Path, rows: list[dict], title: str = "ISARA run") -> None:
-    from selfalign_jax.isara import write_json  # noqa: F401  (atomic helpers live there)
     import os
     import tempfile
 

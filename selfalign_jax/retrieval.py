@@ -32,13 +32,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from selfalign_jax import fileio
 from selfalign_jax.errors import UserError
 
 EXACT_BELOW = 2048
@@ -95,18 +95,6 @@ def locality_order(x_NxD: np.ndarray, leaf: int = 256, seed: int = 0) -> np.ndar
             continue
         stack += [ids[~left], ids[left]]
     return np.concatenate(out)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class PoolIndex:
@@ -223,16 +211,15 @@ class PoolIndex:
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         if self.kind == "exact":
-            def write_npy(t):
-                with open(t, "wb") as f:  # a path not ending in .npy would get the suffix added
-                    np.save(f, np.asarray(self.vectors))
-            _atomic(d / f"{name}.npy", write_npy)
+            with fileio.atomic(d / f"{name}.npy") as t, open(t, "wb") as f:
+                np.save(f, np.asarray(self.vectors))  # (a path not ending in .npy would get the suffix added)
         else:
-            _atomic(d / f"{name}.ann", lambda t: self.annoy.save(t))
+            with fileio.atomic(d / f"{name}.ann") as t:
+                self.annoy.save(str(t))
         meta = {"name": name, "kind": self.kind, "metric": "angular", "dim": self.dim, "count": self.count,
                 "n_trees": self.n_trees, "search_k": self.search_k, "calibration": self.calib,
                 "ids": self.ids.tolist()}
-        _atomic(d / f"{name}.json", lambda t: Path(t).write_text(json.dumps(meta)))
+        fileio.write_text(d / f"{name}.json", json.dumps(meta))
 
     @classmethod
     def load(cls, in_dir, name: str) -> "PoolIndex":
@@ -282,7 +269,7 @@ class Retriever:
         for name, idx in self.sets.items():
             idx.save(d, name)
         man = {**self.meta, "sets": list(self.sets)}
-        _atomic(d / MANIFEST, lambda t: Path(t).write_text(json.dumps(man, indent=1)))
+        fileio.write_text(d / MANIFEST, json.dumps(man, indent=1))
 
     @classmethod
     def load(cls, in_dir) -> "Retriever":

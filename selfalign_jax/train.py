@@ -54,6 +54,7 @@ import numpy as np
 import optax
 
 from selfalign_jax import checkpoint as C
+from selfalign_jax import data, fileio
 from selfalign_jax import lora as L
 from selfalign_jax import mesh as MS
 from selfalign_jax import model as M
@@ -132,31 +133,15 @@ class TrainingDiverged(UserError):
 def load_pairs_jsonl(path) -> list[Pair]:
     """(question, answer) pairs from a `{"question": str, "answer": str}` JSONL file; a malformed
     line, a missing field or an empty answer raises UserError naming the file and line."""
-    from selfalign_jax import data as D
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    samples = D.read_jsonl(path, require_answer=True)
-    # read_jsonl reports malformed lines; empty answers are legal there (eval rows), not here
-    lines = _nonblank_line_numbers(path)
-    for i, s in enumerate(samples):
+    pairs = []
+    for where, obj in fileio.records(path):
+        s = data.plain_sample(obj, where, require_answer=True)
         if not s.answer.strip():
-            where = f"{path}:{lines[i]}" if i < len(lines) else str(path)
             raise UserError(f"{where}: field 'answer' is empty (SFT needs an answer)")
-    if not samples:
+        pairs.append((s.question, s.answer))
+    if not pairs:
         raise UserError(f"{path}: no examples")
-    return [(s.question, s.answer) for s in samples]
-
-
-def _nonblank_line_numbers(path: Path) -> list[int]:
-    if path.name.lower().removesuffix(".gz").endswith(".json"):
-        return []
-    import gzip
-
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return [i for i, line in enumerate(f, 1) if line.strip()]
+    return pairs
 
 
 @dataclasses.dataclass
@@ -881,5 +866,5 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
             summary = {"train_config": dataclasses.asdict(train_cfg), "examples": len(enc),
                        "truncated": enc.truncated, "dropped": enc.dropped, "steps": trainer.total_steps,
                        "mesh": dict(trainer.mesh.shape), "history": history}
-            (Path(out_dir) / "selfalign_train.json").write_text(json.dumps(summary, indent=1) + "\n")
+            fileio.write_json(Path(out_dir) / "selfalign_train.json", summary)
     return cfg, final

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from selfalign_jax import data as D
+from selfalign_jax import fileio
 from selfalign_jax.commands import data as cmd
 from selfalign_jax.errors import UserError
 
@@ -50,7 +51,7 @@ def test_qa_roundtrip(tmp_path):
     s = D.read_samples(p)
     assert [x.question for x in s] == ["What is 2+2?", "Who are you?"]
     assert s[0].iteration == 1 and s[0].extra == {"note": "x"}
-    D.write_jsonl(tmp_path / "b.jsonl", s)
+    fileio.write_jsonl(tmp_path / "b.jsonl", s)
     assert [json.loads(l) for l in (tmp_path / "b.jsonl").read_text().splitlines()] == rows
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import isara, pipeline
+from selfalign_jax import fileio, isara, pipeline
 from selfalign_jax.errors import UserError
 from selfalign_jax.evaluate import get_scorer
 
@@ -68,11 +68,11 @@ def test_full_run_writes_every_file(reference_run):
     # the filters were applied and counted
     for t in (1, 2):
         f = json.loads((run / f"iter_{t}" / "filter.json").read_text())
-        kept = isara.read_jsonl(run / f"iter_{t}" / "kept.jsonl")
+        kept = fileio.read_jsonl(run / f"iter_{t}" / "kept.jsonl")
         assert f["candidates"] == CFG.generate and f["kept"] == len(kept)
         assert f["kept"] + sum(f["dropped"].values()) == f["candidates"]
         assert all(len(k["question"].split()) >= 5 and len(k["answer"].split()) >= 5 for k in kept)
-    q2 = isara.read_jsonl(run / "iter_2" / "questions.jsonl")
+    q2 = fileio.read_jsonl(run / "iter_2" / "questions.jsonl")
     assert all(r["n_demos"] <= 4 for r in q2)
     scaling = rows[-1]["scaling_ratio"]
     assert scaling == pytest.approx((rows[1]["kept"] + rows[2]["kept"]) / 10, abs=1e-4)
@@ -81,9 +81,9 @@ def test_full_run_writes_every_file(reference_run):
 def test_question_prompts_draw_per_pool_set(world, reference_run):
     """Iteration 2 prompts hold 3 seed questions and 1 question from D_1 (K = 4)."""
     run, _ = reference_run
-    seeds = {s["question"] for s in isara.read_jsonl(run / "seeds.jsonl")}
-    d1 = {s["question"] for s in isara.read_jsonl(run / "iter_1" / "kept.jsonl")}
-    for r in isara.read_jsonl(run / "iter_2" / "questions.jsonl"):
+    seeds = {s["question"] for s in fileio.read_jsonl(run / "seeds.jsonl")}
+    d1 = {s["question"] for s in fileio.read_jsonl(run / "iter_1" / "kept.jsonl")}
+    for r in fileio.read_jsonl(run / "iter_2" / "questions.jsonl"):
         if r["n_demos"] == 4:
             assert sum(q in seeds for q in r["demo_questions"]) == 3
             assert sum(q in d1 for q in r["demo_questions"]) == 1
@@ -144,7 +144,7 @@ def test_baselines_write_rows(world, reference_run, tmp_path):
     names = [r["row"] for r in rows]
     assert names == ["pretrained", "sft", "icl-knn", "icl-random", "isara_it1", "isara_it2"]
     assert "| ICL-kNN |" in (run / "report.md").read_text()
-    icl = isara.read_jsonl(run / "baselines" / "icl-knn" / "eval.jsonl")
+    icl = fileio.read_jsonl(run / "baselines" / "icl-knn" / "eval.jsonl")
     assert len(icl) == len(evals) and all("response" in r for r in icl)
 
 

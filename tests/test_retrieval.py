@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from selfalign_jax import data as D
+from selfalign_jax import fileio
 from selfalign_jax.commands import index as cmd
 from selfalign_jax.errors import UserError
 from selfalign_jax.retrieval import PoolIndex, Retriever, exact_topk
@@ -93,7 +94,7 @@ def test_retriever_k_per_set(tmp_path):
 def test_index_command(tmp_path, capsys):
     rows = [D.Sample(f"How do I cook dish number {i} with rice?", "", iteration=i % 2) for i in range(30)]
     rows += [D.Sample("What is the capital of France?", "Paris.", iteration=0)]
-    D.write_jsonl(tmp_path / "pool.jsonl", rows)
+    fileio.write_jsonl(tmp_path / "pool.jsonl", rows)
     cmd.main(data=tmp_path / "pool.jsonl", out=tmp_path / "idx", embedder="hashing", group_by="iteration",
              dim=256)
     assert "iteration-0: 16 items (exact)" in capsys.readouterr().out

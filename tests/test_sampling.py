@@ -300,7 +300,7 @@ def test_cli_generate(models, tmp_path):
     for bad, msg in (('{"prompt": "a"}\n[1, 2]\n', r"in\.jsonl:2: expected a JSON object"),
                      ('{"prompt": "a"}\n\n{"prompt": 3}\n', r"in\.jsonl:3: \"prompt\" is int"),
                      ('{"text": "a"}\n', r"in\.jsonl:1: no \"prompt\" key"),
-                     ('{"prompt": "a"\n', r"in\.jsonl:1: not valid JSON")):
+                     ('{"prompt": "a"\n', r"in\.jsonl:1: malformed JSON")):
         inp.write_text(bad)
         with pytest.raises(UserError, match=msg):
             cmd.main(model=path, prompts=inp, out=out)

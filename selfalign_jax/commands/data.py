@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 from selfalign_jax import data as D
+from selfalign_jax import fileio
 from selfalign_jax.errors import UserError
 
 Format = Literal["auto", "qa", "alpaca", "alpaca-eval", "hh-rlhf", "beavertails-eval", "beavertails", "truthfulqa"]
@@ -44,7 +45,7 @@ def main(
         rows = D.filter_categories(rows, category, input)
         print(f"kept {len(rows)} rows in categories {', '.join(category)}")
     if seeds is None:
-        D.write_jsonl(out, rows)
+        fileio.write_jsonl(out, rows)
         print(f"wrote {len(rows)} rows to {out}")
         _per_category(rows)
         return
@@ -55,10 +56,10 @@ def main(
     if empty:
         raise UserError(f"{input}: {empty} of the {seeds} seeds have no answer (format {loaded.format}); "
                         f"seeds need answers")
-    D.write_jsonl(out, seed_rows)
+    fileio.write_jsonl(out, seed_rows)
     print(f"wrote {len(seed_rows)} seeds to {out} (seed {seed})")
     if eval_out is not None:
-        D.write_jsonl(eval_out, rest)
+        fileio.write_jsonl(eval_out, rest)
         print(f"wrote {len(rest)} eval rows to {eval_out}")
     else:
         print(f"{len(rest)} rows not drawn as seeds were not written (no --eval-out)")

@@ -52,7 +52,7 @@ def main(model: Path, data: Path, scorer: str, out: Path | None = None, max_new_
     import dataclasses
     import json
 
-    from selfalign_jax import isara
+    from selfalign_jax import fileio, isara
 
     rows = load_eval(data)
     sc = make_scorer(scorer, model)
@@ -61,8 +61,8 @@ def main(model: Path, data: Path, scorer: str, out: Path | None = None, max_new_
                               batch_size=batch_size, seed=seed)
     items, metrics = isara.evaluate(m, rows, sc, cfg)
     if out is not None:
-        isara.write_jsonl(Path(out), items)
-        isara.write_json(Path(str(out) + ".metrics.json"), metrics)
+        fileio.write_jsonl(Path(out), items)
+        fileio.write_json(Path(str(out) + ".metrics.json"), metrics)
     for k, v in metrics.items():
         print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
     print(json.dumps(metrics))

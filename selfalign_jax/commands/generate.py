@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
 
+from selfalign_jax import fileio
 from selfalign_jax.errors import UserError
 from selfalign_jax.template import MARKERS
 
@@ -18,20 +16,11 @@ def read_prompts(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"prompts file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object with a \"prompt\", got {type(obj).__name__}")
-            if not isinstance(obj.get("prompt"), str):
-                what = "no \"prompt\" key" if "prompt" not in obj else f"\"prompt\" is {type(obj['prompt']).__name__}"
-                raise UserError(f"{path}:{n}: {what} (need a string)")
-            rows.append(obj)
+    for where, obj in fileio.records(path):
+        if not isinstance(obj.get("prompt"), str):
+            what = "no \"prompt\" key" if "prompt" not in obj else f"\"prompt\" is {type(obj['prompt']).__name__}"
+            raise UserError(f"{where}: {what} (need a string)")
+        rows.append(obj)
     return rows
 
 
@@ -91,16 +80,7 @@ def main(
                             stop=() if no_stop else stop, seed=seed, batch_size=batch_size,
                             chat_template=chat_template, truncate=truncate, progress=True)
     dt = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row, r in zip(rows, res):
-                f.write(json.dumps({**row, "completion": r.text}, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fileio.write_jsonl(out, [{**row, "completion": r.text} for row, r in zip(rows, res)])
     n_tok = sum(len(r.token_ids) for r in res)
     reasons = {}
     for r in res:

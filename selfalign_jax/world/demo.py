@@ -9,11 +9,10 @@ domains (target domain and cross-domain) and the helpful rate on the benign ones
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
-from selfalign_jax import isara, pipeline
+from selfalign_jax import fileio, isara, pipeline
 from selfalign_jax.evaluate import get_scorer
 from selfalign_jax.world import corpus, language
 
@@ -83,5 +82,5 @@ def run_demo(run_dir: Path, domain: str = "discrimination", seeds: int = 64, ite
         rows = pipeline.baseline(kind, base, seed_rows, run_dir, cfg, evals, scorer,
                                  note={"demo_domain": domain})
     out = summary(rows, domain, (time.time() - t0) / 60)
-    isara.write_json(Path(run_dir) / "demo.json", out)
+    fileio.write_json(Path(run_dir) / "demo.json", out)
     return out, rows

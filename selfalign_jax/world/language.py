@@ -14,7 +14,6 @@ Punctuation is always a separate whitespace word, and all world text is lower ca
 
 from dataclasses import dataclass
 
-import numpy as np
 
 from selfalign_jax.errors import UserError
 

@@ -21,9 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import shutil
 import tempfile
 import time
 from functools import partial
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfalign_jax import fileio
 from selfalign_jax import model as M
 from selfalign_jax.errors import UserError
 
@@ -143,14 +142,8 @@ def ensure_base_model(cache_dir=None, seed: int = 0, settings: Settings = DEFAUL
             return out
         if log:
             log(f"pretraining the world base model into {out} (one time; cached afterwards)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".world-base-{key}.", dir=cache))
-        try:
-            pretrain(tmp / "model", seed=seed, settings=settings, progress=progress, key=key, log=log)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp / "model", out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with fileio.atomic(out, directory=True) as tmp:
+            pretrain(tmp, seed=seed, settings=settings, progress=progress, key=key, log=log)
     return out
 
 

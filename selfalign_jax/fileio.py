@@ -1,0 +1,173 @@
+"""File I/O: the one atomic writer and the one JSON-records reader.
+
+    atomic(path, directory=False) -> context manager yielding a temp file (or directory) next to
+                    `path`; on success it is fsync'd, renamed onto `path` (os.replace) and the parent
+                    directory fsync'd; on error it is removed and `path` is left as it was
+    write_text(path, text), write_json(path, obj), write_jsonl(path, rows)     atomic
+    records(path) -> iterator of (where, dict)      .jsonl[.gz] (one object a line) or .json[.gz] array
+    read_jsonl(path) -> list[dict]
+    read_text(path) -> str                          whole (maybe gzipped) file; bad UTF-8 names the line
+
+Bad input raises `UserError` naming the file and line (or item).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from selfalign_jax.errors import UserError
+
+
+# ----------------------------------------------------------------------------------------- writing
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(p: Path) -> None:
+    if p.is_dir():
+        for f in p.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(p)
+    elif p.is_file():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic(path, directory: bool = False) -> Iterator[Path]:
+    """Yield a temp path next to `path` for the caller to fill: an empty file, or with `directory` an
+    empty directory. On success it is fsync'd and renamed onto `path` (an existing directory there is
+    replaced); on error it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if directory and path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path, rows: Iterable[dict]) -> None:
+    """One JSON object a line (objects with a `to_dict()` are written as its result)."""
+    with atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r.to_dict() if hasattr(r, "to_dict") else r, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- reading
+def open_binary(path: Path):
+    """The file (gunzipped for .gz) opened for binary reading; a missing file is a UserError."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def read_text(path) -> str:
+    """Whole file as text (BOM dropped); a bad byte is reported with its line number."""
+    path = Path(path)
+    try:
+        with open_binary(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - raw.rfind(b"\n", 0, e.start)
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col})") from None
+
+
+def records(path) -> Iterator[tuple[str, dict]]:
+    """Yield (where, dict) from a .jsonl[.gz] (one object a line, blank lines skipped) or a .json[.gz]
+    array; `where` is "file:line" (or "file: item i") for messages about that record."""
+    path = Path(path)
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(".json"):
+        text = read_text(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON array of objects")
+        for i, obj in enumerate(data, 1):
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}: item {i}: expected a JSON object, got {type(obj).__name__}")
+            yield f"{path}: item {i}", obj
+        return
+    try:
+        with open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                line = _decode(raw, where).strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                yield where, obj
+    except (OSError, EOFError) as e:  # truncated or corrupt gzip
+        raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every object of a JSONL (or JSON array) file."""
+    return [obj for _, obj in records(path)]
