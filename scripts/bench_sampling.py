@@ -170,7 +170,8 @@ def main():
                compile_s=round(compile_s, 2), ours_s=round(ours_s, 2), ours_prefill_s=round(pre_best, 2),
                ours_decode_s=round(dec_s, 2), decode_gflops=round(dflops / dec_s / 1e9, 1),
                matmul_gflops=round(peak / 1e9, 1), ours_cpu_util=round(ours_util, 2),
-               ours_decode_cpu_util=round(dec_cpu / dec_s, 2), threads=args.threads, batch=BATCH, prompt=PROMPT, new=NEW)
+               ours_decode_cpu_util=round(dec_cpu / dec_s, 2), threads=args.threads, batch=BATCH, prompt=PROMPT,
+               new=NEW)
     if not args.skip_ref:
         ids = torch.tensor(prompts, dtype=torch.long)
         mask = torch.ones_like(ids)

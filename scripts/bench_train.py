@@ -53,7 +53,8 @@ inputs, targets = seq[:, :-1], seq[:, 1:]
 weights = data["weights"]                           # [B, T] 0 on the prompt, 1 on answer tokens
 def report(times, cpus, losses, base, extra):
     print(json.dumps({"times": times, "cpu": cpus, "losses": losses, "baseline_rss": base,
-                      "faults": faults, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}))
+                      "faults": faults, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      **extra}))
 faults = []
 def minflt():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -208,7 +208,8 @@ def main(argv=None):
 
     print(f"model {model_dir}  params {res['params']}  pretrain {res['pretrain_seconds']} s  "
           f"final loss {res['loss_last']}")
-    print(f"{'setting':<12} {'domain':<15} {'harmful':>8} {'refusal':>8} {'helpful':>8} {'malformed':>9} {'stopped':>8}")
+    print(f"{'setting':<12} {'domain':<15} {'harmful':>8} {'refusal':>8} {'helpful':>8} {'malformed':>9} "
+          f"{'stopped':>8}")
     for mode, d, r in rows:
         st = f"{r['stopped']:8.2f}" if "stopped" in r else f"{'':>8}"
         print(f"{mode:<12} {d:<15} {r['harmful']:8.2f} {r['refusal']:8.2f} {r['helpful']:8.2f} "

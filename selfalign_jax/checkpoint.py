@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from selfalign_jax import fileio
+from selfalign_jax.mesh import compute_dtype
 from selfalign_jax import model as M
 from selfalign_jax.errors import UserError
 
@@ -232,6 +233,24 @@ def _index(model_dir: Path) -> dict[str, tuple[Path, dict, int]]:
     return out
 
 
+def tensor_shapes(model_dir) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a safetensors checkpoint (single file or sharded index)."""
+    return {n: tuple(e["shape"]) for n, (_, e, _) in _index(Path(model_dir)).items()}
+
+
+def read_tensors(model_dir, names, dtype):
+    """The named tensors, one at a time in order, as (aligned) host arrays of `dtype`."""
+    index, files = _index(Path(model_dir)), {}
+    try:
+        for name in names:
+            path, e, start = index[name]
+            f = files.get(path) or files.setdefault(path, open(path, "rb"))
+            yield _read_tensor(f, e, start, dtype)
+    finally:
+        for f in files.values():
+            f.close()
+
+
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     """An uninitialised array whose data is `align`-byte aligned, so the CPU backend can alias it."""
     n = math.prod(shape) * np.dtype(dtype).itemsize
@@ -260,9 +279,7 @@ def load(model_dir, dtype: str | None = None, shardings: M.Params | None = None)
     dtype: compute/parameter dtype ('float32' default on CPU, 'bfloat16' elsewhere)."""
     model_dir = Path(model_dir)
     raw = read_config(model_dir)
-    if dtype is None:
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    cfg = config_from_hf(raw, dtype, _generation_eos(model_dir))
+    cfg = config_from_hf(raw, compute_dtype(dtype), _generation_eos(model_dir))
     index = _index(model_dir)
     names, specs = hf_names(cfg), M.param_specs(cfg)
     flat_names, treedef = jax.tree.flatten(names)

@@ -1,8 +1,14 @@
-"""`selfalign` entry point: one tyro subcommand per module in `selfalign_jax.commands`."""
+"""`selfalign` entry point: one tyro subcommand per module in `selfalign_jax.commands`.
+
+Every command module is imported to build the help, so each imports JAX, transformers and the package's
+heavy modules inside its `main` (start-up time), and only light ones (configs, tyro) at the top."""
 
 import importlib
 import sys
 
+import tyro
+
+from selfalign_jax import hostmem
 from selfalign_jax.errors import UserError
 
 # name on the command line -> module under selfalign_jax.commands (each has `main`)
@@ -21,25 +27,12 @@ SUBCOMMANDS = {
 
 
 def _load():
-    funcs = {}
-    for name, mod in SUBCOMMANDS.items():
-        try:
-            m = importlib.import_module(f"selfalign_jax.commands.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name == f"selfalign_jax.commands.{mod}":
-                continue  # not built yet
-            raise
-        funcs[name] = m.main
-    return funcs
+    return {name: importlib.import_module(f"selfalign_jax.commands.{mod}").main for name, mod in SUBCOMMANDS.items()}
 
 
 def main(argv=None):
     if argv is None:  # the `selfalign` command itself (not a call from Python code)
-        from selfalign_jax import hostmem
-
         hostmem.reexec()  # huge pages for XLA:CPU's per-call temporaries (see hostmem)
-    import tyro
-
     funcs = _load()
     try:
         tyro.extras.subcommand_cli_from_dict(funcs, args=argv, prog="selfalign")

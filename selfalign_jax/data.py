@@ -8,8 +8,10 @@ API:
     Sample(question, answer="", category=None, source=None, iteration=None, id=None,
            correct_answers=None, incorrect_answers=None, extra={})
     read_jsonl(path, require_answer=True) -> list[Sample]      # plain schema, validated
+    read_pairs(path) -> list[(question, answer)]                # for SFT: answers required, non-empty
     load(path, fmt="auto") -> Loaded(samples, format, skipped)  # any FORMATS reader
     read_samples(path, fmt="auto") -> list[Sample]
+    read_eval(path) -> list[dict]                               # eval rows, any format, >= 1 question
     detect_format(path) -> str
     filter_categories(samples, categories, path) -> list[Sample]
     split_seeds(samples, n, seed) -> (seeds, rest)
@@ -151,6 +153,20 @@ def read_jsonl(path, require_answer: bool = True) -> list[Sample]:
     """Read a plain-schema JSONL (or .jsonl.gz / .json array) file, validating every line."""
     path = Path(path)
     return [plain_sample(obj, where, require_answer) for where, obj in fileio.records(path)]
+
+
+def read_pairs(path) -> list[tuple[str, str]]:
+    """(question, answer) pairs for SFT from a plain-schema file; a malformed line, a missing field or an
+    empty answer raises UserError naming the file and line."""
+    pairs = []
+    for where, obj in fileio.records(path):
+        s = plain_sample(obj, where, require_answer=True)
+        if not s.answer.strip():
+            raise UserError(f"{where}: field 'answer' is empty (SFT needs an answer)")
+        pairs.append((s.question, s.answer))
+    if not pairs:
+        raise UserError(f"{path}: no examples")
+    return pairs
 
 
 # ---------------------------------------------------------------- readers, one per public schema
@@ -400,3 +416,20 @@ def split_seeds(samples: list[Sample], n: int, seed: int = 0) -> tuple[list[Samp
     seeds = [s for i, s in enumerate(samples) if i in pick]
     rest = [s for i, s in enumerate(samples) if i not in pick]
     return seeds, rest
+
+
+def read_eval(path) -> list[dict]:
+    """Eval rows (any format `selfalign data` reads) as plain dicts; at least one question."""
+    try:
+        samples = read_samples(path) if detect_format(path) != "qa" else read_jsonl(path, require_answer=False)
+    except UserError:  # plain {question, ...} lines with no answer field
+        if not str(path).endswith((".jsonl", ".jsonl.gz", ".json")):
+            raise
+        samples = read_jsonl(path, require_answer=False)
+    rows = [s.to_dict() for s in samples]
+    if not rows:
+        raise UserError(f"{path}: no eval questions")
+    for i, r in enumerate(rows, 1):
+        if not r.get("question", "").strip():
+            raise UserError(f"{path}: item {i} has an empty question")
+    return rows

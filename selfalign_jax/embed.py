@@ -6,10 +6,8 @@ API:
         "hashing": HashingEmbedder(dim)  hashed bag of word 1-2-grams and char 3-grams, no model
         "encoder": encoder.EncoderEmbedder.from_dir(model)  a local BERT-family sentence encoder
         "lm":      LMEmbedder.from_dir(model)  mean of the aligned model's last hidden states
-    LMEmbedder(cfg, params, tokenizer, ...)  for a model already in memory (e.g. the current M_t)
+    LMEmbedder(model: LoadedModel, ...)  for a model already in memory (e.g. the current M_t)
     l2_normalize(x_NxD) -> x_NxD
-    embed_batched(token_ids, fn, batch_size, pad_id=0, max_len=None, desc=...) -> np.ndarray
-        runs fn(ids_BxT int32, mask_BxT int32) -> [B, D] over length buckets (B, T powers of two)
 
 Empty or whitespace-only texts embed to a fixed unit vector per embedder, never to zeros.
 """
@@ -18,10 +16,11 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
+from selfalign_jax.buckets import run_padded
 from selfalign_jax.errors import UserError
 
 EMBEDDERS = ("hashing", "encoder", "lm")
@@ -38,38 +37,6 @@ def l2_normalize(x_NxD: np.ndarray) -> np.ndarray:
     x = np.asarray(x_NxD, np.float32)
     n = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(n, 1e-12)).astype(np.float32)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def embed_batched(token_ids: Sequence[Sequence[int]], fn: Callable, batch_size: int = 32, pad_id: int = 0,
-                  min_len: int = 16, max_len: int | None = None, desc: str = "embed") -> np.ndarray:
-    """Sort by length, batch, pad B and T up to powers of two (few jit shapes, T capped at max_len
-    but never below the longest row), restore input order."""
-    from tqdm import tqdm
-
-    n = len(token_ids)
-    order = sorted(range(n), key=lambda i: -len(token_ids[i]))
-    out = None
-    chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    for idx in tqdm(chunks, desc=desc, leave=False, disable=len(chunks) < 4):
-        B = min(_pow2(len(idx)), _pow2(batch_size))
-        longest = max(len(token_ids[i]) for i in idx)
-        T = max(min_len, _pow2(longest))
-        T = max(longest, min(T, max_len)) if max_len else T
-        ids = np.full((B, T), pad_id, np.int32)
-        mask = np.zeros((B, T), np.int32)
-        for r, i in enumerate(idx):
-            t = token_ids[i]
-            ids[r, :len(t)] = t
-            mask[r, :len(t)] = 1
-        e = np.asarray(fn(ids, mask), np.float32)[:len(idx)]
-        if out is None:
-            out = np.zeros((n, e.shape[1]), np.float32)
-        out[idx] = e
-    return out
 
 
 # ------------------------------------------------------------------------------------- hashing
@@ -109,6 +76,8 @@ class HashingEmbedder:
 
 
 # ------------------------------------------------------------------------------------- lm
+# jax, the model and the encoder are imported where used: `selfalign index --embedder hashing` and the
+# CLI's start-up (it imports this module) need no jax
 def _lm_pool(params, cfg, ids_BxT, mask_BxT):
     import jax.numpy as jnp
 
@@ -125,10 +94,11 @@ class LMEmbedder:
 
     name = "lm"
 
-    def __init__(self, cfg, params, tokenizer, batch_size: int = 32, max_len: int | None = None):
+    def __init__(self, model, batch_size: int = 32, max_len: int | None = None):
         import jax
 
-        self.cfg, self.params, self.tok = cfg, params, tokenizer
+        cfg = model.cfg
+        self.cfg, self.params, self.tok = cfg, model.params, model.tokenizer
         self.batch_size = batch_size
         self.max_len = min(max_len or 512, cfg.max_pos)
         self.dim = cfg.embed_dim or cfg.hidden
@@ -136,10 +106,9 @@ class LMEmbedder:
 
     @classmethod
     def from_dir(cls, model_dir, **kw) -> "LMEmbedder":
-        from selfalign_jax import checkpoint
+        from selfalign_jax.loaded import LoadedModel
 
-        cfg, params = checkpoint.load(model_dir)
-        return cls(cfg, params, checkpoint.load_tokenizer(model_dir), **kw)
+        return cls(LoadedModel.load(model_dir), **kw)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -148,8 +117,8 @@ class LMEmbedder:
         ids = self.tok(list(texts), add_special_tokens=True, truncation=True,
                        max_length=self.max_len)["input_ids"]
         pad = self.cfg.pad_id if getattr(self.cfg, "pad_id", None) is not None else 0
-        return embed_batched(ids, lambda i, m: self._fn(self.params, self.cfg, i, m),
-                             self.batch_size, pad, max_len=self.max_len, desc="embed (lm)")
+        return run_padded(ids, lambda i, v: self._fn(self.params, self.cfg, i, v.astype(np.int32)),
+                          self.batch_size, pad, max_len=self.max_len, desc="embed (lm)").astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------- factory

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfalign_jax.embed import embed_batched
+from selfalign_jax.buckets import run_padded
 from selfalign_jax.errors import UserError
 
 _ACTS = {"gelu": False, "gelu_python": False, "gelu_new": True, "gelu_pytorch_tanh": True,
@@ -237,5 +237,6 @@ class EncoderEmbedder:
             return np.zeros((0, self.dim), np.float32)
         ids = self.tok(list(texts), add_special_tokens=True, truncation=True,
                        max_length=self.max_len)["input_ids"]
-        return embed_batched(ids, lambda i, m: _sentence_jit(self.params, self.cfg, i, m),
-                             self.batch_size, self.cfg.pad_id, max_len=self.max_len, desc="embed (encoder)")
+        return run_padded(ids, lambda i, v: _sentence_jit(self.params, self.cfg, i, v.astype(np.int32)),
+                          self.batch_size, self.cfg.pad_id, max_len=self.max_len,
+                          desc="embed (encoder)").astype(np.float32)

@@ -4,14 +4,14 @@
     for t in 1..T:
         questions = write_questions(M_{t-1}, pools, t)           # steps 1-2: ICL from random demos
         answers   = write_answers(M_{t-1}, pools, questions, t)  # step 3: ICL from retrieved demos
-        D_t       = keep(answers, pools)                         # step 4: the four rule filters
+        D_t       = filter_answers(answers, pools)               # step 4: the four rule filters
         M_t       = sft(M_{t-1}, D_0 + D_t, lr * decay^(t-1))    # step 5
-        evaluate(M_t)                                            # step 6: zero-shot, greedy
+        evaluate(M_t)                                            # step 6: greedy, no demonstrations
         pools.append(D_t)
 
-Every stage writes its output atomically under `run_dir/iter_{t}/` and is skipped when that output
-exists, so re-running the same command resumes. Every random draw comes from a key derived from
-(seed, iteration, stage), never from a running key, so a resumed run equals an uninterrupted one.
+This module holds the steps; the loop with its resumable run directory is `rundir.run`. Every random
+draw comes from a key derived from (seed, iteration, stage), never from a running key, so a resumed
+run equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,107 +21,16 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
 
+import jax
 import numpy as np
 
-from selfalign_jax.errors import UserError
+from selfalign_jax import filters, sampling, train
+from selfalign_jax.config import GenConfig, IsaraConfig
+from selfalign_jax.loaded import LoadedModel
 from selfalign_jax.template import MARKERS, Template, cut
 
 STAGES = {"questions": 1, "answers": 2, "filter": 3, "sft": 4, "eval": 5, "icl": 6}
-
-
-# -------------------------------------------------------------------------------------- configs
-@dataclasses.dataclass(frozen=True)
-class GenConfig:
-    """Sampling settings of one generation step (temperature 0 = greedy)."""
-
-    max_new_tokens: int = 100
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    """Step 5: fine-tuning of the current model on seeds + the kept pairs."""
-
-    lr: float = 2e-5
-    lr_decay: float = 0.5  # the learning rate is multiplied by this every iteration
-    epochs: int = 1
-    batch_size: int = 32  # effective batch (sequences per optimizer step)
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    b1: float = 0.9
-    b2: float = 0.95
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    max_length: int = 512
-    lora_rank: int = 0
-    remat: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class IsaraConfig:
-    """Every knob of a run; the defaults are the reference (paper) settings."""
-
-    iterations: int = 2  # T
-    generate: int = 512  # N prompts per iteration
-    demos: int = 8  # K demonstrations per prompt
-    context_budget: int = 2000  # a demonstration is added only while the prompt stays under this
-    template: Literal["plain", "chat"] = "plain"
-    embedder: Literal["encoder", "lm", "hashing"] = "lm"
-    encoder: str | None = None  # local HF directory of a BERT-family sentence encoder
-    question_gen: GenConfig = GenConfig(max_new_tokens=200, temperature=1.0, repetition_penalty=1.05,
-                                        no_repeat_ngram=10)
-    answer_gen: GenConfig = GenConfig(max_new_tokens=100, temperature=1.0, repetition_penalty=1.2,
-                                      no_repeat_ngram=10)
-    eval_max_new_tokens: int = 200
-    rouge_threshold: float = 0.7
-    min_words: int = 5
-    sft: SFTConfig = SFTConfig()
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    batch_size: int | None = None  # generation batch (None: from a memory budget)
-    seed: int = 0
-
-
-def load_config(path) -> IsaraConfig:
-    """An IsaraConfig from a JSON preset (nested dicts for question_gen / answer_gen / sft)."""
-    p = Path(path)
-    for d in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
-        for cand in (d / Path(path).name, d / f"{Path(path).name}.json"):
-            if not p.is_file() and cand.is_file():
-                p = cand
-    if not p.is_file():
-        raise UserError(f"--config: no such preset file: {path}")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    return from_dict(d, str(p))
-
-
-def from_dict(d: dict, where: str = "config") -> IsaraConfig:
-    sub = {"question_gen": GenConfig, "answer_gen": GenConfig, "sft": SFTConfig}
-    names = {f.name for f in dataclasses.fields(IsaraConfig)}
-    kw = {}
-    for k, v in d.items():
-        if k not in names:
-            raise UserError(f"{where}: unknown field {k!r}")
-        if k in sub:
-            fields = {f.name for f in dataclasses.fields(sub[k])}
-            bad = set(v) - fields
-            if bad:
-                raise UserError(f"{where}: unknown field {k}.{sorted(bad)[0]}")
-            v = sub[k](**v)
-        kw[k] = v
-    return IsaraConfig(**kw)
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 # ---------------------------------------------------------------------------------- run helpers
@@ -130,8 +39,6 @@ def stage_rng(seed: int, t: int, stage: str) -> np.random.Generator:
 
 
 def stage_key(seed: int, t: int, stage: str):
-    import jax
-
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), t), STAGES[stage])
 
 
@@ -139,29 +46,9 @@ def log(msg: str) -> None:
     print(f"[isara {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-@dataclasses.dataclass
-class Model:
-    """The current policy: directory, config, parameters, tokenizer."""
-
-    path: Path
-    cfg: object
-    params: object
-    tokenizer: object
-
-    @classmethod
-    def load(cls, path, dtype="auto"):
-        from selfalign_jax import checkpoint
-
-        tok = checkpoint.load_tokenizer(path)
-        cfg, params = checkpoint.load(path, dtype=None if dtype == "auto" else dtype)
-        return cls(Path(path), cfg, params, tok)
-
-
-def generate(model: Model, prompts: list[str], gen: GenConfig, key, batch_size=None,
+def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_size=None,
              desc: str = "generate") -> list[str]:
     """Completions of `prompts` (text after the prompt, cut at the first template marker)."""
-    from selfalign_jax import sampling
-
     log(f"{desc}: {len(prompts)} prompts, up to {gen.max_new_tokens} new tokens")
     res = sampling.generate(model.params, model.cfg, model.tokenizer, prompts,
                             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
@@ -189,7 +76,7 @@ def fit_budget(template: Template, tokenizer, demos: list[tuple[str, str]], rend
 
 
 # ------------------------------------------------------------------------------- ISARA, step 2
-def write_questions(model: Model, pools: list[list[dict]], t: int, cfg: IsaraConfig) -> list[dict]:
+def write_questions(model: LoadedModel, pools: list[list[dict]], t: int, cfg: IsaraConfig) -> list[dict]:
     """N prompts of random demonstrations (counts per pool set from step 1), each ending with
     `BEGINNING OF CONVERSATION: USER:`; the model's continuation, cut at a marker, is the question."""
     tpl, rng = Template(cfg.template, model.tokenizer), stage_rng(cfg.seed, t, "questions")
@@ -210,13 +97,13 @@ def write_questions(model: Model, pools: list[list[dict]], t: int, cfg: IsaraCon
             for q, ds in zip(qs, demo_sets)]
 
 
-def prompt_budget(model: Model, cfg: IsaraConfig, gen: GenConfig) -> int:
+def prompt_budget(model: LoadedModel, cfg: IsaraConfig, gen: GenConfig) -> int:
     """The context budget, leaving room for the generated tokens within the model's context."""
     return max(16, min(cfg.context_budget, model.cfg.max_pos - gen.max_new_tokens))
 
 
 # ------------------------------------------------------------------------------- ISARA, step 3
-def write_answers(model: Model, pools, indexes, embedder, questions: list[dict], t: int,
+def write_answers(model: LoadedModel, pools, indexes, embedder, questions: list[dict], t: int,
                   cfg: IsaraConfig) -> list[dict]:
     """For each new question, its nearest neighbours within each pool set (counts as in step 1) as
     demonstrations, nearest last, then the question; the model's continuation is the answer."""
@@ -242,10 +129,8 @@ def write_answers(model: Model, pools, indexes, embedder, questions: list[dict],
 
 
 # ------------------------------------------------------------------------------- ISARA, step 4
-def keep(answers: list[dict], pools, t: int, cfg: IsaraConfig) -> tuple[list[dict], dict]:
+def filter_answers(answers: list[dict], pools, t: int, cfg: IsaraConfig) -> tuple[list[dict], dict]:
     """The paper's four rule filters; returns the kept pairs and the drop counts by reason."""
-    from selfalign_jax import filters
-
     fcfg = filters.FilterConfig(cfg.rouge_threshold, cfg.min_words, cfg.min_words)
     seen = [s["question"] for pool in pools for s in pool]
     res = filters.filter_pairs([(a["question"], a["answer"], a["demo_questions"]) for a in answers],
@@ -256,32 +141,24 @@ def keep(answers: list[dict], pools, t: int, cfg: IsaraConfig) -> tuple[list[dic
 
 
 # ------------------------------------------------------------------------------- ISARA, step 5
-def sft(model: Model, pairs: list[dict], out_dir: Path, lr: float, cfg: IsaraConfig, t: int) -> Model:
+def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: IsaraConfig, t: int) -> LoadedModel:
     """Fine-tune the current model on `pairs` (loss on answers), export to out_dir, return M_t."""
-    from selfalign_jax import train
-
-    s = cfg.sft
-    tcfg = train.TrainConfig(lr=lr, b1=s.b1, b2=s.b2, weight_decay=s.weight_decay,
-                             warmup_ratio=s.warmup_ratio, clip_norm=s.clip_norm,
-                             batch_size=max(1, s.batch_size // s.grad_accum), grad_accum=s.grad_accum,
-                             epochs=s.epochs, max_length=min(s.max_length, model.cfg.max_pos - 1),
-                             lora_rank=s.lora_rank, remat=s.remat, seed=cfg.seed * 1000 + t,
-                             dtype=model.cfg.dtype)
+    tcfg = dataclasses.replace(cfg.sft, lr=lr, seed=cfg.seed * 1000 + t, dtype=model.cfg.dtype,
+                               max_length=min(cfg.sft.max_length, model.cfg.max_pos - 1))
     base = json.loads((model.path / "config.json").read_text())
     log(f"SFT of {model.path.name} on {len(pairs)} pairs, lr {lr:.3g}")
     # Orbax train state (params + Adam moments in fp32: 3x the model): only for resuming this SFT, so it
     # is deleted once the model is exported
     ckpt = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
-    cfg_t, params_t = train.finetune((model.cfg, model.params), [(p["question"], p["answer"]) for p in pairs],
-                                     model.tokenizer, out_dir, tcfg, template=Template(cfg.template, model.tokenizer),
-                                     checkpoint_dir=ckpt, base_config=base)
+    trained = train.finetune(model, [(p["question"], p["answer"]) for p in pairs], out_dir=out_dir, train_cfg=tcfg,
+                             template=Template(cfg.template, model.tokenizer), checkpoint_dir=ckpt, base_config=base)
     if ckpt.is_dir():
         shutil.rmtree(ckpt)
-    return Model(out_dir, cfg_t, params_t, model.tokenizer)
+    return trained
 
 
 # ------------------------------------------------------------------------------- ISARA, step 6
-def answer_zero_shot(model: Model, questions: list[str], max_new_tokens: int, demos_for=None,
+def answer_questions(model: LoadedModel, questions: list[str], max_new_tokens: int, demos_for=None,
                      template: str = "plain", seed: int = 0, batch_size=None) -> list[str]:
     """Greedy answers to `questions` (optionally with demonstrations: ICL baselines)."""
     tpl = Template(template, model.tokenizer)
@@ -295,58 +172,11 @@ def answer_zero_shot(model: Model, questions: list[str], max_new_tokens: int, de
     return generate(model, prompts, gen, stage_key(seed, 0, "eval"), batch_size, desc="evaluate")
 
 
-def evaluate(model: Model, eval_set: list[dict], scorer, cfg: IsaraConfig, demos_for=None) -> tuple[list, dict]:
+def evaluate(model: LoadedModel, eval_set: list[dict], scorer, cfg: IsaraConfig, demos_for=None) -> tuple[list, dict]:
     """Zero-shot greedy answers (up to eval_max_new_tokens) scored by `scorer`."""
     qs = [r["question"] for r in eval_set]
-    answers = answer_zero_shot(model, qs, cfg.eval_max_new_tokens, demos_for, cfg.template, cfg.seed,
+    answers = answer_questions(model, qs, cfg.eval_max_new_tokens, demos_for, cfg.template, cfg.seed,
                                cfg.batch_size)
     res = scorer.score(qs, answers, eval_set)
     rows = [{**r, "response": a, **item} for r, a, item in zip(eval_set, answers, res["items"])]
     return rows, res["metrics"]
-
-
-# ------------------------------------------------------------------------------------ the loop
-def run(model_dir, seeds: list[dict], run_dir, cfg: IsaraConfig, eval_set=None, scorer=None,
-        force: bool = False, argv_note: dict | None = None, eval_pretrained: bool = True) -> list[dict]:
-    """The ISARA loop with resumable stages; returns the metrics rows (also in metrics.jsonl)."""
-    from selfalign_jax.pipeline import RunDir
-
-    run = RunDir(Path(run_dir), cfg, model_dir, seeds, eval_set, force, argv_note)
-    model = run.base_model()
-    embedder = run.embedder()
-    pools, indexes = [run.seeds], [run.index(0, run.seeds, embedder)]
-    if eval_set is not None and eval_pretrained:
-        run.eval_stage("pretrained", model, scorer, row="pretrained")
-    for t in range(1, cfg.iterations + 1):
-        it = run.iter_dir(t)
-        questions = run.stage(it / "questions.jsonl", lambda: write_questions(model(), pools, t, cfg))
-        answers = run.stage(it / "answers.jsonl",
-                            lambda: write_answers(model(), pools, indexes, embedder, questions, t, cfg))
-        kept = run.filter_stage(it, lambda: keep(answers, pools, t, cfg))
-        lr = cfg.sft.lr * cfg.sft.lr_decay ** (t - 1)
-        model = run.model_stage(it / "model", lambda out: sft(model(), run.seeds + kept, out, lr, cfg, t))
-        if eval_set is not None:
-            run.eval_stage(f"iter_{t}", model, scorer, row=f"isara_it{t}", iteration=t)
-        pools.append(kept)
-        indexes.append(run.index(t, kept, embedder))
-    return run.finish()
-
-
-def resolve(cli: IsaraConfig, preset: str | None, max_new_tokens: int | None = None) -> IsaraConfig:
-    """The preset (if any) with every field the command line changed from the default laid over it;
-    --max-new-tokens sets both question and answer generation lengths."""
-    def overlay(base, given, default):
-        kw = {}
-        for f in dataclasses.fields(given):
-            g, d = getattr(given, f.name), getattr(default, f.name)
-            if dataclasses.is_dataclass(g):
-                kw[f.name] = overlay(getattr(base, f.name), g, d)
-            else:
-                kw[f.name] = g if g != d else getattr(base, f.name)
-        return dataclasses.replace(base, **kw)
-
-    cfg = overlay(load_config(preset), cli, IsaraConfig()) if preset else cli
-    if max_new_tokens is not None:
-        cfg = dataclasses.replace(cfg, question_gen=dataclasses.replace(cfg.question_gen, max_new_tokens=max_new_tokens),
-                                  answer_gen=dataclasses.replace(cfg.answer_gen, max_new_tokens=max_new_tokens))
-    return cfg

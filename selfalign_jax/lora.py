@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from selfalign_jax import model as M
+from selfalign_jax.config import LORA_TARGETS
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TARGETS = LORA_TARGETS
 
 
 def lora_specs(cfg: M.Config, rank: int, targets=TARGETS) -> list[dict]:

@@ -17,6 +17,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from selfalign_jax.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def compute_dtype(dtype: str | None = "auto") -> str:
+    """The one dtype rule: "auto" (or None) is float32 on CPU (faster there) and bfloat16 on
+    accelerators; anything else is returned as given."""
+    if dtype in (None, "auto"):
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dtype
 BATCH = ("data", "fsdp")
 
 

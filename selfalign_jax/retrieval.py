@@ -15,14 +15,15 @@ Ids are the caller's (default 0..N-1); rows are padded with -1 when a set has fe
 
 Defaults, and why:
     exact_below=2048: below this, brute force (one matmul) is as fast as Annoy and always exact.
-    n_trees=64: 100k x 384 builds in ~10 s on 2 cores; against 32 trees it lifts recall@8 at the same
-        search_k (0.97 -> 0.98 on the benchmark) at no query cost; more trees cost build time and memory.
+    n_trees=64: against 32 trees it lifts recall@8 at the same search_k at no query cost; more trees cost
+        build time and memory (figures: scripts/bench_retrieval.py).
     Items are added in a random-projection-tree order (similar items adjacent in the .ann file), so a
-        leaf's candidates are read from nearby memory: ~10% faster queries and builds.
+        leaf's candidates are read from nearby memory: faster queries and builds (scripts/bench_retrieval.py).
     search_k: Annoy's default (n_trees * k) visits only one or two leaves (a leaf holds up to dim + 2
         items), far too few for recall. We calibrate it at build: 200 probe queries, each an item moved
         in a random direction by its distance to its nearest neighbour, answered exactly; search_k
-        doubles from one leaf until recall@calib_k >= target_recall. It is stored in the sidecar and scales with k at query time.
+        doubles from one leaf until recall@calib_k >= target_recall. It is stored in the sidecar and scales
+        with k at query time.
 Files per set NAME in the directory: NAME.ann (or NAME.npy for exact sets) and NAME.json
 (dim, count, metric, kind, n_trees, search_k, calibration, ids); retrieval.json lists the sets.
 """
@@ -37,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from annoy import AnnoyIndex
 
 from selfalign_jax import fileio
 from selfalign_jax.errors import UserError
@@ -122,8 +124,6 @@ class PoolIndex:
             raise UserError(f"got {len(ids)} ids for {N} vectors")
         if N < exact_below:
             return cls("exact", D, ids, vectors=x)
-        from annoy import AnnoyIndex
-
         t0 = time.perf_counter()
         order = locality_order(x, seed=seed)
         x, ids = x[order], ids[order]
@@ -239,8 +239,6 @@ class PoolIndex:
             if vec.shape != (count, dim):
                 raise UserError(f"{d / f'{name}.npy'}: shape {vec.shape}, sidecar says ({count}, {dim})")
             return cls("exact", dim, ids, vectors=vec, calib=meta.get("calibration"))
-        from annoy import AnnoyIndex
-
         ann = AnnoyIndex(dim, "angular")
         path = d / f"{name}.ann"
         if not path.is_file():

@@ -80,6 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfalign_jax import model as M
+from selfalign_jax.buckets import pow2
 from selfalign_jax.errors import UserError
 from selfalign_jax.template import MARKERS
 
@@ -99,17 +100,13 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------------- buckets
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
 def prompt_bucket(n: int) -> int:
     """Padded prompt length: powers of two from 16 to 512, then multiples of 256."""
-    return max(16, _pow2(n)) if n <= 512 else -(-n // 256) * 256
+    return max(16, pow2(n)) if n <= 512 else -(-n // 256) * 256
 
 
 def new_tokens_bucket(n: int) -> int:
-    return max(16, _pow2(n))
+    return max(16, pow2(n))
 
 
 def _chunk(Tp: int) -> int:
@@ -544,7 +541,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
 def _run_batch(params, cfg, tokenizer, ids, rows, key, spare, temp, topk, topp, pen, *, max_new_tokens,
                batch_size, ngram, eos, pad, stop, every) -> list[Result]:
     nb = len(ids)
-    B = _pow2(nb) if _pow2(nb) <= batch_size else batch_size
+    B = pow2(nb) if pow2(nb) <= batch_size else batch_size
     lens = np.array([len(t) for t in ids] + [1] * (B - nb), np.int32)
     Tp = prompt_bucket(int(lens.max()) - 1)  # the prefill takes all prompt tokens but the last
     limit = np.minimum(max_new_tokens, cfg.max_pos - lens).astype(np.int32)

@@ -7,7 +7,8 @@ joined by a blank line. Generated text is cut at the first template marker and s
 from __future__ import annotations
 
 import dataclasses
-import re
+
+from selfalign_jax.errors import UserError
 
 BEGIN = "BEGINNING OF CONVERSATION:"
 USER = "USER:"
@@ -66,15 +67,6 @@ class Template:
 
     def _chat(self, msgs, gen: bool) -> str:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            from selfalign_jax.errors import UserError
             raise UserError("template 'chat': the tokenizer has no chat_template")
         return self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in msgs],
                                                   tokenize=False, add_generation_prompt=gen)
-
-
-def stop_strings(kind: str = "plain") -> tuple[str, ...]:
-    return MARKERS if kind == "plain" else ()
-
-
-def words(text: str) -> int:
-    return len(re.split(r"\s+", text.strip())) if text.strip() else 0

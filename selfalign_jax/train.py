@@ -1,22 +1,24 @@
 """Sharded supervised fine-tuning (ISARA step 5): answer-token loss, AdamW, warm-up + cosine,
 gradient accumulation, optional LoRA, Orbax checkpoints with exact resume, HF export.
 
-Data: (question, answer) pairs rendered with the conversation template (`Template.train_pair`),
-EOS appended, truncated to `max_length` model inputs; the loss weight is 1 on answer tokens (and
-the EOS) and 0 on the prompt. Examples are grouped into length buckets (multiples of `bucket`
-tokens), so at most max_length / bucket step shapes are compiled.
+Data (`batching`): (question, answer) pairs rendered with the conversation template, EOS appended,
+truncated to `max_length` model inputs; the loss weight is 1 on answer tokens (and the EOS) and 0 on the
+prompt; batches in length buckets.
 
-Loss: the token-weighted mean over the whole effective batch,
+Loss (`loss`): the token-weighted mean over the whole effective batch,
     loss = sum_{micro-batches, rows, positions} w * nll / sum w,
 so `grad_accum` micro-batches of `batch_size` rows give the same gradient as one batch of
 `batch_size * grad_accum` rows (up to float summation order); clipping and AdamW see that mean.
-The LM head and cross-entropy are fused and chunked (`fused_xent`): no [B, T, V] logits are kept,
-and positions with weight 0 (prompt, padding) get no LM-head matmul at all.
 
 Sharding: a ('data', 'fsdp', 'tensor') mesh (`mesh.make_mesh`); parameters, adapters and optimizer
 state are placed by the logical-axis rules of `model.ShardingRules` (optimizer moments inherit
 their parameter's sharding), batches are split over data x fsdp. One jitted step with explicit
 in/out shardings and the train state donated.
+
+Compiles: the step is built by `_make_step(StepSpec)`, cached on everything static (model config,
+optimizer constants, LoRA, mesh); the learning-rate schedule's peak, warm-up and length enter the step
+as traced scalars. So every Trainer of a process that agrees on the StepSpec (every ISARA iteration and
+every baseline of a run) shares one compiled step per batch shape.
 
 Checkpoints: an Orbax CheckpointManager under `checkpoint_dir` holds {params or adapters,
 optimizer state, step} plus JSON metadata (data position, fingerprint of the data and
@@ -25,22 +27,17 @@ checkpoint and ends with the same parameters as an uninterrupted run. A non-fini
 norm stops training with `TrainingDiverged`; states after it are never saved.
 
 Public API:
-    TrainConfig(...)                                     hyper-parameters (paper defaults)
-    load_pairs_jsonl(path) -> list[(question, answer)]
-    encode_pairs(pairs, tokenizer, template, max_length, eos_id, pad_id) -> Encoded
-    plan_epoch(lengths, rows, seed, epoch) -> list[np.ndarray]       example indices per step
-    make_batch(enc, idx, grad_accum, micro_rows, max_length, bucket) -> dict of [A, b, T] arrays
-    lr_schedule(tcfg, total_steps), make_optimizer(tcfg, total_steps)
+    TrainConfig (selfalign_jax.config)                   hyper-parameters (paper defaults)
+    lr_schedule(tcfg, total_steps), make_optimizer(tcfg)
     Trainer(cfg, tcfg, total_steps, mesh)                .init_state / .step / .merged / .loss
     train(cfg, params, enc, tcfg, ...) -> (state, frozen, trainer, history)
-    finetune(model, pairs, tokenizer, out_dir, tcfg, template, ...) -> (cfg, params)
+    finetune(model, pairs, tokenizer, out_dir, tcfg, template, ...) -> LoadedModel
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import sys
@@ -52,233 +49,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
-from selfalign_jax import checkpoint as C
-from selfalign_jax import data, fileio
-from selfalign_jax import lora as L
-from selfalign_jax import mesh as MS
+from selfalign_jax import checkpoint, fileio, lora
+from selfalign_jax import mesh as meshlib
 from selfalign_jax import model as M
+from selfalign_jax.batching import Encoded, Pair, encode_pairs, make_batch, plan_epoch
+from selfalign_jax.config import TrainConfig
 from selfalign_jax.errors import UserError
+from selfalign_jax.loaded import LoadedModel
+from selfalign_jax.loss import token_nll
 from selfalign_jax.template import Template
-
-Pair = tuple[str, str]
-
-
-# ------------------------------------------------------------------------------------------ config
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """SFT hyper-parameters. Defaults follow the ISARA reference (AdamW 0.9/0.95, no weight decay,
-    cosine with 3% warm-up, effective batch 32, 1 epoch, lr 2e-5)."""
-
-    lr: float = 2e-5
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # applied to matrices only (not norms / biases)
-    warmup_ratio: float = 0.03  # warm-up steps = ceil(ratio * total steps), as HF
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
-    clip_norm: float | None = 1.0  # global gradient-norm clip; None/0 = off
-    batch_size: int = 8  # rows per micro-batch (global, over all devices)
-    grad_accum: int = 4  # micro-batches per optimizer step: effective batch = batch_size * grad_accum
-    epochs: int = 1
-    max_length: int = 512  # model inputs per example (prompt + answer + EOS is cut to max_length + 1)
-    bucket: int = 64  # sequence lengths are padded to a multiple of this (bounded compiles)
-    lora_rank: int = 0  # 0 = full fine-tuning
-    lora_alpha: float = 16.0  # LoRA scale = alpha / rank
-    lora_targets: tuple[str, ...] = L.TARGETS
-    remat: bool = False  # rematerialise each layer in the backward pass
-    loss_chunk: int = 512  # tokens per chunk of the fused LM-head + cross-entropy (0: plain, full logits)
-    streams: int = 0  # independent sub-batches per micro-batch through the model in one graph, so
-    # XLA:CPU runs their ops side by side on the cores (0: auto = 4 on a single CPU device when the rows
-    # divide, else 1); the fused loss then runs once over all rows
-    dtype: str = "float32"  # compute dtype (float32 | bfloat16); masters and Adam moments stay fp32
-    seed: int = 0  # data order and LoRA init
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    mesh: str | None = None  # 'data=N,fsdp=N,tensor=N'; None: every device on fsdp
-
-    @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum
-
-    def validate(self) -> None:
-        chk = [(self.lr > 0, "--lr must be > 0"), (self.batch_size >= 1, "--batch-size must be >= 1"),
-               (self.grad_accum >= 1, "--grad-accum must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
-               (self.max_length >= 2, "--max-length must be >= 2"), (self.bucket >= 1, "bucket must be >= 1"),
-               (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-               (self.lora_rank >= 0, "--lora-rank must be >= 0"),
-               (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine|linear|constant"),
-               (self.dtype in ("float32", "bfloat16"), "--dtype must be float32 or bfloat16"),
-               (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "betas must be in [0, 1)"),
-               (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
-               (self.streams >= 0, "streams must be >= 0")]
-        for ok, msg in chk:
-            if not ok:
-                raise UserError(msg)
-        bad = [t for t in self.lora_targets if t not in L.TARGETS]
-        if bad:
-            raise UserError(f"LoRA target {bad[0]!r} unknown (choose from {', '.join(L.TARGETS)})")
-
-    def fingerprint_fields(self) -> dict:
-        """The settings that determine the trajectory (a resumed run must match them)."""
-        skip = {"checkpoint_every", "keep_checkpoints", "mesh", "remat", "loss_chunk", "streams"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 class TrainingDiverged(UserError):
     """Loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
-
-
-# -------------------------------------------------------------------------------------------- data
-def load_pairs_jsonl(path) -> list[Pair]:
-    """(question, answer) pairs from a `{"question": str, "answer": str}` JSONL file; a malformed
-    line, a missing field or an empty answer raises UserError naming the file and line."""
-    pairs = []
-    for where, obj in fileio.records(path):
-        s = data.plain_sample(obj, where, require_answer=True)
-        if not s.answer.strip():
-            raise UserError(f"{where}: field 'answer' is empty (SFT needs an answer)")
-        pairs.append((s.question, s.answer))
-    if not pairs:
-        raise UserError(f"{path}: no examples")
-    return pairs
-
-
-@dataclasses.dataclass
-class Encoded:
-    """Tokenized examples: ids[i] = prompt + answer + EOS (cut to max_length + 1 tokens);
-    target[i] marks answer/EOS tokens (the loss is on predicting them)."""
-
-    ids: list[np.ndarray]
-    target: list[np.ndarray]
-    pad_id: int
-    truncated: int = 0  # examples cut to max_length + 1 tokens
-    dropped: int = 0  # examples left out: no answer token within the window
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Model inputs per example (tokens - 1)."""
-        return np.array([len(x) - 1 for x in self.ids], np.int64)
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for ids, t in zip(self.ids, self.target):
-            h.update(np.int64(len(ids)).tobytes())
-            h.update(ids.astype(np.int32).tobytes())
-            h.update(np.packbits(t).tobytes())
-        return h.hexdigest()[:16]
-
-
-def _eos_pad(tokenizer, cfg: M.Config | None, eos_id, pad_id) -> tuple[int, int]:
-    if eos_id is None:
-        eos_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_id is None and cfg is not None and cfg.eos_ids:
-        eos_id = cfg.eos_ids[0]
-    if eos_id is None:
-        raise UserError("the tokenizer and the model config name no EOS token (needed to end answers)")
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None and cfg is not None:
-        pad_id = cfg.pad_id
-    return int(eos_id), int(0 if pad_id is None else pad_id)
-
-
-def encode_pairs(pairs: Sequence[Pair], tokenizer, template: Template = Template(), max_length: int = 512,
-                 eos_id: int | None = None, pad_id: int | None = None, cfg: M.Config | None = None) -> Encoded:
-    """Render each pair with `template.train_pair`, tokenize prompt + answer in one pass (character
-    offsets tell answer tokens from prompt tokens, so merges across the boundary are handled),
-    append EOS and truncate to max_length + 1 tokens."""
-    eos_id, pad_id = _eos_pad(tokenizer, cfg, eos_id, pad_id)
-    special = template.kind == "plain"  # chat templates write their own BOS
-    rendered = [template.train_pair(q, a) for q, a in pairs]
-    ids_l, tgt_l, truncated, dropped = [], [], 0, 0
-    texts = [p + t for p, t in rendered]
-    fast = getattr(tokenizer, "is_fast", False)
-    if fast:
-        enc = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
-    for i, (prompt, tgt_text) in enumerate(rendered):
-        if fast:
-            ids = list(enc["input_ids"][i])
-            offs = enc["offset_mapping"][i]
-            is_t = [e > len(prompt) and e > s for s, e in offs]
-            # a special token the tokenizer appends after the text (EOS-like) is dropped: we add EOS
-            while ids and offs[len(ids) - 1] == (0, 0) and len(ids) > 1 and ids[-1] == eos_id:
-                ids.pop()
-                is_t.pop()
-        else:
-            p_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
-            full = list(tokenizer(prompt + tgt_text, add_special_tokens=special)["input_ids"])
-            if full[:len(p_ids)] == p_ids:
-                ids = full
-            else:
-                ids = p_ids + list(tokenizer(tgt_text, add_special_tokens=False)["input_ids"])
-            if len(ids) > len(p_ids) and ids[-1] == eos_id:
-                ids.pop()
-            is_t = [j >= len(p_ids) for j in range(len(ids))]
-        ids.append(eos_id)
-        is_t.append(True)
-        if len(ids) > max_length + 1:
-            ids, is_t = ids[:max_length + 1], is_t[:max_length + 1]
-            truncated += 1
-        t = np.asarray(is_t, bool)
-        if not t[1:].any():
-            dropped += 1
-            continue
-        ids_l.append(np.asarray(ids, np.int32))
-        tgt_l.append(t)
-    return Encoded(ids_l, tgt_l, pad_id, truncated, dropped)
-
-
-def plan_epoch(lengths: np.ndarray, rows: int, seed: int, epoch: int, window: int = 16) -> list[np.ndarray]:
-    """Example indices of each step of one epoch: shuffled by (seed, epoch), then sorted by length
-    inside windows of `window` steps so each step holds similar lengths, then the steps shuffled.
-    Deterministic; ceil(n / rows) steps, the last possibly short."""
-    n = len(lengths)
-    rng = np.random.default_rng([int(seed), int(epoch), 0x5F7])
-    perm = rng.permutation(n)
-    batches = []
-    span = rows * window
-    for s in range(0, n, span):
-        chunk = perm[s:s + span]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[j:j + rows] for j in range(0, len(chunk), rows)]
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
-
-
-def bucket_len(n: int, bucket: int, max_length: int) -> int:
-    return int(min(max_length, max(bucket, -(-n // bucket) * bucket)))
-
-
-def make_batch(enc: Encoded, idx: Sequence[int], grad_accum: int, micro_rows: int, max_length: int,
-               bucket: int = 64) -> dict[str, np.ndarray]:
-    """Arrays [grad_accum, micro_rows, T] (T = the length bucket of the longest example):
-    tokens (inputs, pad_id at padding), pos (0.. on tokens, -1 at padding), targets (next token) and
-    weights (1.0 where the target is an answer token). Rows beyond len(idx) are empty."""
-    idx = list(idx)
-    A, b = grad_accum, micro_rows
-    if len(idx) > A * b:
-        raise ValueError(f"{len(idx)} examples do not fit {A} x {b} rows")
-    T = bucket_len(max((len(enc.ids[i]) - 1 for i in idx), default=1), bucket, max_length)
-    tokens = np.full((A * b, T), enc.pad_id, np.int32)
-    pos = np.full((A * b, T), -1, np.int32)
-    targets = np.zeros((A * b, T), np.int32)
-    weights = np.zeros((A * b, T), np.float32)
-    per = -(-len(idx) // A) if idx else 0  # spread a short step evenly over the micro-batches
-    for r, i in enumerate(idx):
-        row = (r // per) * b + (r % per) if per <= b else r
-        ids, t = enc.ids[i], enc.target[i]
-        n = len(ids) - 1
-        tokens[row, :n] = ids[:-1]
-        pos[row, :n] = np.arange(n)
-        targets[row, :n] = ids[1:]
-        weights[row, :n] = t[1:]
-    shape = (A, b, T)
-    return {"tokens": tokens.reshape(shape), "pos": pos.reshape(shape), "targets": targets.reshape(shape),
-            "weights": weights.reshape(shape)}
 
 
 # ------------------------------------------------------------------------------------- optimizer
@@ -286,32 +74,38 @@ def warmup_steps(tcfg: TrainConfig, total_steps: int) -> int:
     return int(math.ceil(tcfg.warmup_ratio * total_steps))
 
 
+def schedule_lr(kind: str, step, peak, warmup, total):
+    """HF-style: linear warm-up from 0 over `warmup` steps, then cosine (or linear) to 0 at `total`;
+    `constant` holds the peak after warm-up. Every argument but `kind` may be traced."""
+    s = jnp.asarray(step, jnp.float32)
+    w = jnp.asarray(warmup, jnp.float32)
+    warm = s / jnp.maximum(1.0, w)
+    prog = jnp.clip((s - w) / jnp.maximum(1.0, total - w), 0.0, 1.0)
+    if kind == "cosine":
+        decay = 0.5 * (1.0 + jnp.cos(jnp.pi * prog))
+    elif kind == "linear":
+        decay = 1.0 - prog
+    else:
+        decay = jnp.ones_like(prog)
+    return peak * jnp.where(s < w, warm, decay)
+
+
 def lr_schedule(tcfg: TrainConfig, total_steps: int) -> Callable:
-    """HF-style: linear warm-up from 0 over ceil(ratio * total) steps, then cosine (or linear) to 0
-    at `total_steps`; `constant` holds the peak after warm-up."""
-    w = warmup_steps(tcfg, total_steps)
-    peak = tcfg.lr
-
-    def f(step):
-        s = jnp.asarray(step, jnp.float32)
-        warm = s / max(1, w)
-        prog = jnp.clip((s - w) / max(1, total_steps - w), 0.0, 1.0)
-        if tcfg.schedule == "cosine":
-            decay = 0.5 * (1.0 + jnp.cos(jnp.pi * prog))
-        elif tcfg.schedule == "linear":
-            decay = 1.0 - prog
-        else:
-            decay = jnp.ones_like(prog)
-        return peak * jnp.where(s < w, warm, decay)
-
-    return f
+    """step -> learning rate of a run of `total_steps` steps (warm-up ceil(ratio * total) steps)."""
+    return functools.partial(_schedule_at, tcfg.schedule, peak=tcfg.lr, warmup=warmup_steps(tcfg, total_steps),
+                             total=total_steps)
 
 
-def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule) (decay on matrices only)."""
+def _schedule_at(kind, step, *, peak, warmup, total):
+    return schedule_lr(kind, step, peak, warmup, total)
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW without its learning rate (decay on matrices only): the step scales
+    the update by -lr(step), so the schedule's numbers are traced, not compiled in."""
     mask = (lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)) if tcfg.weight_decay else None
-    adamw = optax.adamw(lr_schedule(tcfg, total_steps), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                        weight_decay=tcfg.weight_decay, mask=mask)
+    adamw = optax.chain(optax.scale_by_adam(b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps),
+                        optax.add_decayed_weights(tcfg.weight_decay, mask))
     if tcfg.clip_norm:
         return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), adamw)
     return adamw
@@ -324,7 +118,7 @@ def _opt_shardings(optimizer, params_abstract, param_sh, mesh):
     by_path = {}
     for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(params_abstract), jax.tree.leaves(param_sh)):
         by_path[tuple(path)] = (leaf.shape, sh)
-    rep = MS.replicated(mesh)
+    rep = meshlib.replicated(mesh)
 
     def pick(path, leaf):
         path = tuple(path)
@@ -354,217 +148,82 @@ def _from_dict(d: dict) -> TrainState:
     return TrainState(d["params"], d["opt_state"], d["step"])
 
 
-# ------------------------------------------------------------------------------------------ trainer
 def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def token_nll(params: M.Params, cfg: M.Config, batch: dict, remat: bool = False, fused: bool = True,
-              chunk_tokens: int = 512, streams: int = 1):
-    """(sum over weighted positions of -log p(target), sum of weights) for one [b, T] batch.
-    fused: the fused LM-head + cross-entropy (`fused_xent`, no [b, T, V] logits kept); else the
-    plain `model.logits` + logsumexp (reference). streams: the model runs on that many independent
-    row slices (the same sums; on CPU their ops overlap across cores, filling the idle time of one
-    chain); the loss then runs once on all rows (its matmuls are large enough to use every core)."""
-    b = batch["tokens"].shape[0]
-    rows = [slice(i * b // streams, (i + 1) * b // streams) for i in range(streams)]
-    hs = [M.apply(params, cfg, batch["tokens"][r], batch["pos"][r], remat=remat)[0] for r in rows]
-    h = hs[0] if streams == 1 else jnp.concatenate(hs, axis=0)
-    w = batch["weights"]
-    if fused:
-        w_VxE = params.embed if params.lm_head is None else params.lm_head
-        return fused_xent(h, w_VxE.astype(h.dtype), batch["targets"], w, chunk_tokens), jnp.sum(w)
-    lg = M.logits(params, cfg, h)  # fp32 [b, T, V]
-    lse = jax.nn.logsumexp(lg, axis=-1)
-    tgt = jnp.take_along_axis(lg, batch["targets"][..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - tgt) * w), jnp.sum(w)
+# ------------------------------------------------------------------------------------------- step
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static the compiled train step depends on (besides batch shapes): the key of
+    `_make_step`. Learning rate, run length, seed and data are not in it."""
+
+    cfg: M.Config  # master parameters (float32)
+    compute_dtype: str
+    tcfg: TrainConfig  # with the traced / host-only fields reset (see `of`)
+    streams: int
+    mesh: Mesh
+    rules: M.ShardingRules
+
+    @classmethod
+    def of(cls, cfg: M.Config, tcfg: TrainConfig, streams: int, mesh: Mesh, rules: M.ShardingRules) -> "StepSpec":
+        static = dataclasses.replace(tcfg, lr=TrainConfig.lr, warmup_ratio=TrainConfig.warmup_ratio,
+                                     seed=0, epochs=1, max_length=TrainConfig.max_length, bucket=TrainConfig.bucket,
+                                     batch_size=TrainConfig.batch_size, grad_accum=TrainConfig.grad_accum,
+                                     checkpoint_every=0, keep_checkpoints=2, mesh=None, dtype=tcfg.dtype)
+        return cls(dataclasses.replace(cfg, dtype="float32"), meshlib.compute_dtype(tcfg.dtype), static, streams,
+                   mesh, rules)
 
 
-def _divisor(n: int, at_most: int) -> int:
-    """The largest divisor of n that is <= at_most (>= 1)."""
-    d = max(1, min(n, at_most))
-    while n % d:
-        d -= 1
-    return d
+class StepFns:
+    """The shardings, optimizer and jitted functions of one StepSpec (built once by `_make_step`)."""
 
-
-def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
-    """sum(weights * nll) and its gradients w.r.t. h and w, a chunk of positions at a time: logits
-    [b*c, V] (fp32) exist for one chunk only; the gradient of the logits, (softmax - onehot) * w,
-    is formed right away and multiplied into dh and dW (the loss is the step's only output, so the
-    backward pass needs no logits).
-
-    Only positions that carry loss are computed: each row's weighted positions are moved to its
-    front (a stable sort along the row), and the loop stops after the longest row's count, in
-    chunks of c positions and then a tail of c/8-position chunks. Prompt and padding positions
-    cost no LM-head matmul (dh there is 0, as is their true gradient). The sort and the chunks
-    run along the sequence, so the batch sharding stays."""
-    B, T, E = h_BxTxE.shape
-    V = w_VxE.shape[0]
-    c = _divisor(T, chunk_tokens // max(B, 1))
-    ct = _divisor(c, c // 8)
-    order_BxT = jnp.argsort(weights_BxT == 0, axis=1, stable=True)  # weighted positions first
-    h_s = jnp.take_along_axis(h_BxTxE, order_BxT[..., None], axis=1)
-    t_s = jnp.take_along_axis(targets_BxT, order_BxT, axis=1)
-    w_s = jnp.take_along_axis(weights_BxT.astype(jnp.float32), order_BxT, axis=1)
-    live = jnp.max(jnp.sum(weights_BxT != 0, axis=1)).astype(jnp.int32)
-    n_full = live // c
-    n_tail = (live - n_full * c + ct - 1) // ct
-    w_ExV = w_VxE.T  # one transpose per step: the logits matmul reads [E, V] in place
-
-    def chunk(start, n, carry):
-        dWt, dh_s, loss = carry
-        h = jax.lax.dynamic_slice_in_dim(h_s, start, n, axis=1).reshape(B * n, E)
-        t = jax.lax.dynamic_slice_in_dim(t_s, start, n, axis=1).reshape(B * n)
-        w = jax.lax.dynamic_slice_in_dim(w_s, start, n, axis=1).reshape(B * n)
-        lg = jnp.einsum("ne,ev->nv", h, w_ExV, preferred_element_type=jnp.float32)
-        m = jax.lax.stop_gradient(lg.max(-1, keepdims=True))
-        e = jnp.exp(lg - m)
-        s = e.sum(-1, keepdims=True)
-        lse = jnp.log(s[:, 0]) + m[:, 0]
-        hit = jax.lax.broadcasted_iota(jnp.int32, lg.shape, 1) == t[:, None]
-        tgt = jnp.sum(jnp.where(hit, lg, 0.0), -1)
-        loss = loss + jnp.sum(w * (lse - tgt))
-        dlg = ((e / s - hit.astype(jnp.float32)) * w[:, None]).astype(h.dtype)
-        dh = jnp.einsum("nv,ev->ne", dlg, w_ExV, preferred_element_type=jnp.float32)
-        dh_s = jax.lax.dynamic_update_slice_in_dim(dh_s, dh.reshape(B, n, E), start, axis=1)
-        dWt = dWt + jnp.einsum("nv,ne->ev", dlg, h, preferred_element_type=jnp.float32)
-        return dWt, dh_s, loss
-
-    carry = (jnp.zeros((E, V), jnp.float32), jnp.zeros((B, T, E), jnp.float32), jnp.zeros((), jnp.float32))
-    carry = jax.lax.fori_loop(0, n_full, lambda i, cr: chunk(i * c, c, cr), carry)
-    carry = jax.lax.fori_loop(0, n_tail, lambda i, cr: chunk(n_full * c + i * ct, ct, cr), carry)
-    dWt, dh_s, loss = carry
-    dh = jnp.take_along_axis(dh_s, jnp.argsort(order_BxT, axis=1)[..., None], axis=1)
-    return loss, dh, dWt.T
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens):
-    return _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens)[0]
-
-
-def _fused_fwd(h, w, t, wt, chunk_tokens):
-    loss, dh, dW = _xent_chunks(h, w, t, wt, chunk_tokens)
-    return loss, (dh.astype(h.dtype), dW.astype(w.dtype))
-
-
-def _fused_bwd(chunk_tokens, res, g):
-    dh, dW = res
-    return g.astype(dh.dtype) * dh, g.astype(dW.dtype) * dW, None, None
-
-
-_fused_xent.defvjp(_fused_fwd, _fused_bwd)
-
-
-def fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int = 512):
-    """sum over positions of weights * -log softmax(h @ w.T)[target], differentiable in h and w,
-    without materialising the [B, T, V] logits (LM head and cross-entropy fused, chunked)."""
-    return _fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens)
-
-
-_STEP_CACHE: dict = {}
-
-
-class Trainer:
-    """The sharded train step for one model config, hyper-parameters and run length.
-
-    state = TrainState(trainable, opt_state, step); `frozen` = the base Params under LoRA (in the
-    compute dtype), else None. `step(state, frozen, batch)` donates `state`."""
-
-    def __init__(self, cfg: M.Config, tcfg: TrainConfig, total_steps: int, mesh=None,
-                 rules: M.ShardingRules = M.ShardingRules()):
-        tcfg.validate()
-        self.cfg = dataclasses.replace(cfg, dtype="float32")  # master parameters
-        self.ccfg = dataclasses.replace(cfg, dtype=tcfg.dtype)  # compute
-        self.tcfg, self.total_steps = tcfg, total_steps
-        self.mesh = mesh if mesh is not None else MS.make_mesh(tcfg.mesh)
-        self.rules = rules
+    def __init__(self, spec: StepSpec):
+        self.spec = spec
+        tcfg, mesh, rules = spec.tcfg, spec.mesh, spec.rules
+        self.cfg = spec.cfg
+        self.compute_cfg = dataclasses.replace(spec.cfg, dtype=spec.compute_dtype)
         self.lora = tcfg.lora_rank > 0
         self.scale = tcfg.lora_alpha / tcfg.lora_rank if self.lora else 1.0
-        self.schedule = lr_schedule(tcfg, total_steps)
-        self.optimizer = make_optimizer(tcfg, total_steps)
-        self.param_sh = M.param_shardings(self.cfg, self.mesh, rules)
+        self.optimizer = make_optimizer(tcfg)
+        self.param_sh = M.param_shardings(self.cfg, mesh, rules)
         if self.lora:
-            self.train_sh = L.lora_shardings(self.cfg, self.mesh, tcfg.lora_rank, tcfg.lora_targets, rules)
-            specs = L.lora_specs(self.cfg, tcfg.lora_rank, tcfg.lora_targets)
-            self.train_abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), specs,
-                                               is_leaf=M.is_spec)
+            self.train_sh = lora.lora_shardings(self.cfg, mesh, tcfg.lora_rank, tcfg.lora_targets, rules)
+            specs = lora.lora_specs(self.cfg, tcfg.lora_rank, tcfg.lora_targets)
             self.frozen_sh = self.param_sh
         else:
-            self.train_abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
-                                               M.param_specs(self.cfg), is_leaf=M.is_spec)
+            specs = M.param_specs(self.cfg)
             self.train_sh, self.frozen_sh = self.param_sh, None
-        self.opt_sh = _opt_shardings(self.optimizer, self.train_abstract, self.train_sh, self.mesh)
-        self.rep = MS.replicated(self.mesh)
+        self.train_abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), specs,
+                                           is_leaf=M.is_spec)
+        self.opt_sh = _opt_shardings(self.optimizer, self.train_abstract, self.train_sh, mesh)
+        self.rep = meshlib.replicated(mesh)
         self.state_sh = TrainState(self.train_sh, self.opt_sh, self.rep)
-        self.batch_sh = {k: MS.batch_sharding(self.mesh, leading=1) for k in ("tokens", "pos", "targets", "weights")}
-        self.micro_rows = -(-tcfg.batch_size // MS.batch_size_multiple(self.mesh)) * MS.batch_size_multiple(self.mesh)
-        self.streams = tcfg.streams or (4 if self.mesh.devices.size == 1 and self.mesh.devices.flat[0].platform == "cpu"
-                                        and self.micro_rows % 4 == 0 else 1)
-        if self.micro_rows % self.streams:
-            raise UserError(f"streams {self.streams} must divide the micro-batch rows {self.micro_rows}")
-        # one compiled step per (model, settings, run length, mesh): Trainers that agree share it
-        key = (self.cfg, self.ccfg, dataclasses.replace(tcfg, checkpoint_every=0, keep_checkpoints=2),
-               total_steps, self.mesh, rules)
-        self._step = _STEP_CACHE.pop(key, None)
-        if self._step is None:
-            self._step = jax.jit(self._train_step, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
-                                 out_shardings=(self.state_sh, self.rep), donate_argnums=0)
-        _STEP_CACHE[key] = self._step
-        while len(_STEP_CACHE) > 4:
-            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+        self.batch_sh = {k: meshlib.batch_sharding(mesh, leading=1) for k in ("tokens", "pos", "targets", "weights")}
+        self.sched_sh = {k: self.rep for k in ("peak", "warmup", "total")}
+        self.step = jax.jit(self._train_step,
+                            in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh, self.sched_sh),
+                            out_shardings=(self.state_sh, self.rep), donate_argnums=0)
+        self.opt_init = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)
+        self.to_master = jax.jit(lambda p: _cast(p, jnp.float32), out_shardings=self.train_sh)
+        self.to_frozen = jax.jit(lambda p: _cast(p, self.compute_cfg.jdtype), out_shardings=self.frozen_sh)
+        self.init_lora = jax.jit(lambda k: lora.init_lora(self.cfg, k, tcfg.lora_rank, tcfg.lora_targets),
+                                 out_shardings=self.train_sh) if self.lora else None
+        self.merge = jax.jit(lambda f, a: lora.merge(_cast(f, jnp.float32), a, self.scale, dtype=jnp.float32),
+                             out_shardings=self.param_sh) if self.lora else None
+        self.traced_shapes: list[tuple] = []  # batch shapes the step was traced for (tests count compiles)
 
-    # ---- state
-    def init_state(self, params: M.Params, key=None, owned: bool = False) -> tuple[TrainState, M.Params | None]:
-        """Train state from base params (placed on the mesh; fp32 masters, or the frozen base in the
-        compute dtype under LoRA). owned: the caller gives `params` away, so fp32 arrays already on
-        the right shardings become the (donated) state without a copy."""
-        if self.lora:
-            frozen = self.freeze(params, owned)
-            key = jax.random.PRNGKey(self.tcfg.seed) if key is None else key
-            trainable = jax.jit(lambda k: L.init_lora(self.cfg, k, self.tcfg.lora_rank, self.tcfg.lora_targets),
-                                out_shardings=self.train_sh)(key)
-        else:
-            frozen = None
-            placed = all(isinstance(x, jax.Array) and x.dtype == jnp.float32 and x.sharding == sh
-                         for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(self.train_sh)))
-            if owned and placed:
-                trainable = params
-            else:
-                trainable = jax.jit(lambda p: _cast(p, jnp.float32), out_shardings=self.train_sh)(params)
-        opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)(trainable)
-        step = jax.device_put(jnp.zeros((), jnp.int32), self.rep)
-        return TrainState(trainable, opt_state, step), frozen
-
-    def freeze(self, params: M.Params, owned: bool = False) -> M.Params:
-        """The frozen LoRA base: params in the compute dtype, placed on the mesh (no copy when
-        `owned` and already so)."""
-        if owned and all(isinstance(x, jax.Array) and x.dtype == self.ccfg.jdtype and x.sharding == sh
-                         for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(self.frozen_sh))):
-            return params
-        return jax.jit(lambda p: _cast(p, self.ccfg.jdtype), out_shardings=self.frozen_sh)(params)
-
-    def abstract_state(self) -> TrainState:
-        """ShapeDtypeStructs with shardings (the Orbax restore target)."""
-        def sds(x, sh):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-        opt = jax.eval_shape(self.optimizer.init, self.train_abstract)
-        return TrainState(jax.tree.map(sds, self.train_abstract, self.train_sh),
-                          jax.tree.map(sds, opt, self.opt_sh),
-                          jax.ShapeDtypeStruct((), jnp.int32, sharding=self.rep))
-
-    # ---- compute
     def model_params(self, trainable, frozen) -> M.Params:
         """The parameters the model runs with (compute dtype): merged under LoRA."""
         if self.lora:
-            return L.merge(frozen, trainable, self.scale, dtype=self.ccfg.jdtype)
-        return _cast(trainable, self.ccfg.jdtype)
+            return lora.merge(frozen, trainable, self.scale, dtype=self.compute_cfg.jdtype)
+        return _cast(trainable, self.compute_cfg.jdtype)
 
     def loss(self, trainable, frozen, mb):
         """(nll sum, weight sum) of one micro-batch (the model in `streams` row slices)."""
-        return token_nll(self.model_params(trainable, frozen), self.ccfg, mb, self.tcfg.remat,
-                         fused=self.tcfg.loss_chunk > 0, chunk_tokens=self.tcfg.loss_chunk, streams=self.streams)
+        t = self.spec.tcfg
+        return token_nll(self.model_params(trainable, frozen), self.compute_cfg, mb, t.remat,
+                         fused=t.loss_chunk > 0, chunk_tokens=t.loss_chunk, streams=self.spec.streams)
 
     def _grads(self, trainable, frozen, batch):
         """Sum over micro-batches of (nll sum, d nll sum / d trainable)."""
@@ -584,7 +243,8 @@ class Trainer:
         (g, l), _ = jax.lax.scan(body, (g0, jnp.zeros((), jnp.float32)), batch)
         return l, g
 
-    def _train_step(self, state: TrainState, frozen, batch):
+    def _train_step(self, state: TrainState, frozen, batch, sched):
+        self.traced_shapes.append(tuple(batch["tokens"].shape))
         total = batch["weights"].sum()
         denom = jnp.maximum(total, 1.0)
         lsum, gsum = self._grads(state.params, frozen, batch)
@@ -592,39 +252,107 @@ class Trainer:
         loss = lsum / denom
         gnorm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        lr = schedule_lr(self.spec.tcfg.schedule, state.step, sched["peak"], sched["warmup"], sched["total"])
+        updates = jax.tree.map(lambda u: (-lr).astype(u.dtype) * u, updates)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": gnorm, "lr": self.schedule(state.step), "tokens": total,
-                   "inputs": (batch["pos"] >= 0).sum()}
+        metrics = {"loss": loss, "grad_norm": gnorm, "lr": lr, "tokens": total, "inputs": (batch["pos"] >= 0).sum()}
         return TrainState(params, opt_state, state.step + 1), metrics
 
+
+@functools.lru_cache(maxsize=8)
+def _make_step(spec: StepSpec) -> StepFns:
+    """The jitted step (and its init / merge functions) for `spec`; Trainers that agree share them."""
+    return StepFns(spec)
+
+
+class Trainer:
+    """The sharded train step for one model config, hyper-parameters and run length.
+
+    state = TrainState(trainable, opt_state, step); `frozen` = the base Params under LoRA (in the
+    compute dtype), else None. `step(state, frozen, batch)` donates `state`."""
+
+    def __init__(self, cfg: M.Config, tcfg: TrainConfig, total_steps: int, mesh=None,
+                 rules: M.ShardingRules = M.ShardingRules()):
+        self.tcfg, self.total_steps = tcfg, total_steps
+        self.mesh = mesh if mesh is not None else meshlib.make_mesh(tcfg.mesh)
+        mult = meshlib.batch_size_multiple(self.mesh)
+        self.micro_rows = -(-tcfg.batch_size // mult) * mult
+        one_cpu = self.mesh.devices.size == 1 and self.mesh.devices.flat[0].platform == "cpu"
+        self.streams = tcfg.streams or (4 if one_cpu and self.micro_rows % 4 == 0 else 1)
+        if self.micro_rows % self.streams:
+            raise UserError(f"streams {self.streams} must divide the micro-batch rows {self.micro_rows}")
+        self.fns = _make_step(StepSpec.of(cfg, tcfg, self.streams, self.mesh, rules))
+        f = self.fns
+        self.cfg, self.compute_cfg, self.lora, self.scale = f.cfg, f.compute_cfg, f.lora, f.scale
+        self.optimizer, self.param_sh, self.train_sh, self.frozen_sh = f.optimizer, f.param_sh, f.train_sh, f.frozen_sh
+        self.opt_sh, self.rep, self.state_sh, self.batch_sh = f.opt_sh, f.rep, f.state_sh, f.batch_sh
+        self.schedule = lr_schedule(tcfg, total_steps)
+        self.sched = {k: jax.device_put(jnp.asarray(v, jnp.float32), self.rep) for k, v in
+                      (("peak", tcfg.lr), ("warmup", warmup_steps(tcfg, total_steps)), ("total", total_steps))}
+
+    # ---- state
+    def init_state(self, params: M.Params, key=None, owned: bool = False) -> tuple[TrainState, M.Params | None]:
+        """Train state from base params (placed on the mesh; fp32 masters, or the frozen base in the
+        compute dtype under LoRA). owned: the caller gives `params` away, so fp32 arrays already on
+        the right shardings become the (donated) state without a copy."""
+        if self.lora:
+            frozen = self.freeze(params, owned)
+            key = jax.random.PRNGKey(self.tcfg.seed) if key is None else key
+            trainable = self.fns.init_lora(key)
+        else:
+            frozen = None
+            placed = all(isinstance(x, jax.Array) and x.dtype == jnp.float32 and x.sharding == sh
+                         for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(self.train_sh)))
+            trainable = params if owned and placed else self.fns.to_master(params)
+        opt_state = self.fns.opt_init(trainable)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.rep)
+        return TrainState(trainable, opt_state, step), frozen
+
+    def freeze(self, params: M.Params, owned: bool = False) -> M.Params:
+        """The frozen LoRA base: params in the compute dtype, placed on the mesh (no copy when
+        `owned` and already so)."""
+        if owned and all(isinstance(x, jax.Array) and x.dtype == self.compute_cfg.jdtype and x.sharding == sh
+                         for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(self.frozen_sh))):
+            return params
+        return self.fns.to_frozen(params)
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with shardings (the Orbax restore target)."""
+        def sds(x, sh):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        opt = jax.eval_shape(self.optimizer.init, self.fns.train_abstract)
+        return TrainState(jax.tree.map(sds, self.fns.train_abstract, self.train_sh),
+                          jax.tree.map(sds, opt, self.opt_sh),
+                          jax.ShapeDtypeStruct((), jnp.int32, sharding=self.rep))
+
+    # ---- compute
+    def model_params(self, trainable, frozen) -> M.Params:
+        return self.fns.model_params(trainable, frozen)
+
+    def loss(self, trainable, frozen, mb):
+        return self.fns.loss(trainable, frozen, mb)
+
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: MS.put(v, self.batch_sh[k]) for k, v in batch.items()}
+        return {k: meshlib.put(v, self.batch_sh[k]) for k, v in batch.items()}
 
     def step(self, state: TrainState, frozen, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer step (batch: numpy arrays from make_batch, or already placed arrays)."""
         if isinstance(batch["tokens"], np.ndarray):
             batch = self.put_batch(batch)
-        return self._step(state, frozen, batch)
+        return self.fns.step(state, frozen, batch, self.sched)
 
     def merged(self, state: TrainState, frozen) -> M.Params:
         """Full parameters for export: fp32 masters, or base + scale * B @ A (fp32) under LoRA."""
-        if not self.lora:
-            return state.params
-        return jax.jit(lambda f, a: L.merge(_cast(f, jnp.float32), a, self.scale, dtype=jnp.float32),
-                       out_shardings=self.param_sh)(frozen, state.params)
+        return self.fns.merge(frozen, state.params) if self.lora else state.params
 
 
 # ------------------------------------------------------------------------------------- checkpoints
 def _manager(directory, tcfg: TrainConfig):
-    import orbax.checkpoint as ocp
-
     opts = ocp.CheckpointManagerOptions(max_to_keep=max(1, tcfg.keep_checkpoints), create=True)
     return ocp.CheckpointManager(Path(directory).absolute(), options=opts, item_names=("state", "meta"))
 
 
 def _save(mngr, state: TrainState, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
     mngr.save(int(meta["step"]), args=ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state)),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
     # asynchronous: arrays are copied to host before save() returns (the state may then be donated);
@@ -632,8 +360,6 @@ def _save(mngr, state: TrainState, meta: dict) -> None:
 
 
 def _restore(mngr, trainer: Trainer, step: int) -> tuple[TrainState, dict]:
-    import orbax.checkpoint as ocp
-
     target = _as_dict(trainer.abstract_state())
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                      meta=ocp.args.JsonRestore()))
@@ -641,8 +367,6 @@ def _restore(mngr, trainer: Trainer, step: int) -> tuple[TrainState, dict]:
 
 
 def _read_meta(mngr, step: int) -> dict:
-    import orbax.checkpoint as ocp
-
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
@@ -662,7 +386,6 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
     per-step host metrics. `params` may be None when `params_loader(shardings, dtype)` is given (loaded only
     if needed: a full fine-tune resumed from a checkpoint does not need the base weights).
     stop_after: stop (without the final checkpoint) after this many steps in total (for tests)."""
-    tcfg.validate()
     if len(enc) == 0:
         raise UserError("no training examples (every example lost its answer to truncation?)")
     spe = -(-len(enc) // tcfg.effective_batch)
@@ -674,7 +397,7 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
     def get_params():
         if params is not None:
             return params
-        return params_loader(trainer.param_sh, trainer.ccfg.dtype if trainer.lora else "float32")
+        return params_loader(trainer.param_sh, trainer.compute_cfg.dtype if trainer.lora else "float32")
 
     mngr = _manager(checkpoint_dir, tcfg) if checkpoint_dir is not None else None
     start, state, frozen = 0, None, None
@@ -713,8 +436,6 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
 
     bar = None
     if progress and _is_main():
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     history: list[dict] = []
     pending: list = []
@@ -776,8 +497,6 @@ class _Gathered:
         self.x, self.shape, self.dtype = x, x.shape, x.dtype
 
     def __array__(self, dtype=None, copy=None):
-        from jax.experimental import multihost_utils
-
         a = np.asarray(multihost_utils.process_allgather(self.x, tiled=True))
         return a if dtype is None else a.astype(dtype)
 
@@ -787,13 +506,11 @@ def export(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype:
     """`checkpoint.save`, multi-host aware: every process joins the per-tensor gathers, process 0
     writes."""
     if jax.process_count() == 1:
-        return C.save(out_dir, cfg, params, tokenizer_from=tokenizer_from, dtype=dtype, base_config=base_config,
-                      overwrite=overwrite)
-    from jax.experimental import multihost_utils
-
+        return checkpoint.save(out_dir, cfg, params, tokenizer_from=tokenizer_from, dtype=dtype,
+                               base_config=base_config, overwrite=overwrite)
     wrapped = jax.tree.map(_Gathered, params)
     if _is_main():
-        C.save(out_dir, cfg, wrapped, tokenizer_from=tokenizer_from, dtype=dtype, base_config=base_config,
+        checkpoint.save(out_dir, cfg, wrapped, tokenizer_from=tokenizer_from, dtype=dtype, base_config=base_config,
                overwrite=overwrite)
     else:
         for x in jax.tree.leaves(wrapped):
@@ -811,27 +528,25 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
              template: Template = Template(), *, checkpoint_dir=None, resume: bool = True, mesh=None,
              export_dtype: str | None = None, base_config: dict | None = None, overwrite: bool = False,
              progress: bool = True, on_step: Callable | None = None, log: bool = True):
-    """Fine-tune `model` (an HF directory, or (cfg, params)) on (question, answer) pairs and export
-    an HF directory to `out_dir` (skipped when None). Returns (cfg, params): the trained full
-    parameters (fp32 masters; LoRA merged), sharded on the training mesh.
+    """Fine-tune `model` (an HF directory, or a LoadedModel) on (question, answer) pairs and export
+    an HF directory to `out_dir` (skipped when None). Returns the trained model: full parameters
+    (fp32 masters; LoRA merged), sharded on the training mesh.
 
-    tokenizer: defaults to the model directory's. checkpoint_dir: Orbax train checkpoints (default
+    tokenizer: defaults to the model's. checkpoint_dir: Orbax train checkpoints (default
     `<out_dir>.ckpt` when out_dir is given); an existing run there with the same data and settings is
     resumed. export_dtype: default the source config's dtype (else float32)."""
-    train_cfg.validate()
     model_dir = None
     if isinstance(model, (str, Path)):
         model_dir = Path(model)
-        raw = C.read_config(model_dir)
-        cfg = C.config_from_hf(raw, "float32", C._generation_eos(model_dir))
+        raw = checkpoint.read_config(model_dir)
+        cfg = checkpoint.config_from_hf(raw, "float32", checkpoint._generation_eos(model_dir))
         base_config = base_config if base_config is not None else raw
         params = None
         if tokenizer is None:
-            tokenizer = C.load_tokenizer(model_dir)
+            tokenizer = checkpoint.load_tokenizer(model_dir)
     else:
-        cfg, params = model
-        if tokenizer is None:
-            raise UserError("finetune: pass a tokenizer with (cfg, params)")
+        cfg, params = model.cfg, model.params
+        tokenizer = model.tokenizer if tokenizer is None else tokenizer
     if out_dir is not None:
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()) and not overwrite:
@@ -843,7 +558,7 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
     enc = encode_pairs(pairs, tokenizer, template, train_cfg.max_length, cfg=cfg)
     if log and _is_main():
         lens = enc.lengths
-        msg = (f"{len(enc)} examples, {int(sum(t[1:].sum() for t in enc.target))} answer tokens, inputs "
+        msg = (f"{len(enc)} examples, {int(sum(t[1:].sum() for t in enc.loss_mask))} answer tokens, inputs "
                f"{int(lens.min()) if len(lens) else 0}-{int(lens.max()) if len(lens) else 0} tokens")
         if enc.truncated:
             msg += f"; {enc.truncated} truncated to {train_cfg.max_length}"
@@ -852,7 +567,7 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
         print(msg, file=sys.stderr)
 
     def loader(shardings, dtype):
-        return C.load(model_dir, dtype=dtype, shardings=shardings)[1]
+        return checkpoint.load(model_dir, dtype=dtype, shardings=shardings)[1]
 
     state, frozen, trainer, history = train(cfg, params, enc, train_cfg, mesh=mesh, checkpoint_dir=checkpoint_dir,
                                             resume=resume, on_step=on_step, progress=progress,
@@ -867,4 +582,4 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
                        "truncated": enc.truncated, "dropped": enc.dropped, "steps": trainer.total_steps,
                        "mesh": dict(trainer.mesh.shape), "history": history}
             fileio.write_json(Path(out_dir) / "selfalign_train.json", summary)
-    return cfg, final
+    return LoadedModel(cfg, final, tokenizer, Path(out_dir) if out_dir is not None else None)

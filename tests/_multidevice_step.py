@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from selfalign_jax import checkpoint as C  # noqa: E402
 from selfalign_jax import mesh as MS  # noqa: E402
-from selfalign_jax import train as T  # noqa: E402
+from selfalign_jax import batching, train  # noqa: E402
 
 
 def main(model_dir: str) -> None:
@@ -27,7 +27,7 @@ def main(model_dir: str) -> None:
     rng = np.random.default_rng(0)
     pairs = [(" ".join(rng.choice(words, rng.integers(3, 9))), " ".join(rng.choice(words, rng.integers(4, 14))))
              for _ in range(16)]
-    enc = T.encode_pairs(pairs, tok, max_length=32)
+    enc = batching.encode_pairs(pairs, tok, max_length=32)
     host = jax.tree.map(np.asarray, params)
     out = {"diff": {}, "loss": {}, "moved": {}, "sharding": {}}
     # eps = 1 makes AdamW's first update smooth in the gradient (with the default 1e-8 it is
@@ -37,12 +37,12 @@ def main(model_dir: str) -> None:
             ("lora", "fsdp=4,tensor=2", 8, 2, {"lora_rank": 4})]
     res = {}
     for name, spec, bs, ga, extra in runs:
-        tcfg = T.TrainConfig(lr=1e-2, eps=1.0, batch_size=bs, grad_accum=ga, warmup_ratio=0.0, max_length=32,
+        tcfg = train.TrainConfig(lr=1e-2, eps=1.0, batch_size=bs, grad_accum=ga, warmup_ratio=0.0, max_length=32,
                              bucket=32, **extra)
-        batch = T.make_batch(enc, list(range(16)), ga, bs, tcfg.max_length, tcfg.bucket)
+        batch = batching.make_batch(enc, list(range(16)), ga, bs, tcfg.max_length, tcfg.bucket)
         mesh = MS.make_mesh("data=1" if spec.startswith("single") else spec,
                             jax.devices()[:1] if spec.startswith("single") else None)
-        tr = T.Trainer(cfg, tcfg, total_steps=10, mesh=mesh)
+        tr = train.Trainer(cfg, tcfg, total_steps=10, mesh=mesh)
         state, frozen = tr.init_state(jax.tree.map(np.asarray, host))
         state, m = tr.step(state, frozen, batch)
         res[name, spec] = jax.tree.map(np.asarray, state.params)

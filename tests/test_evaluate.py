@@ -8,27 +8,28 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import evaluate as E
+from selfalign_jax import evaluate
 from selfalign_jax.errors import UserError
+from selfalign_jax.loaded import LoadedModel
 from selfalign_jax.template import Template
 
 
 # ------------------------------------------------------------------------------------------ helpers
 def test_summary_rates_and_scaling_ratio():
-    assert E.summary_rates(["a", "b", "a", "a"]) == {"a": 0.75, "b": 0.25}
-    assert E.summary_rates(["a"], ["a", "z"]) == {"a": 1.0, "z": 0.0}
-    assert E.summary_rates([], ["x"]) == {"x": 0.0}
-    r = E.scaling_ratio([130, 250], 64)
+    assert evaluate.summary_rates(["a", "b", "a", "a"]) == {"a": 0.75, "b": 0.25}
+    assert evaluate.summary_rates(["a"], ["a", "z"]) == {"a": 1.0, "z": 0.0}
+    assert evaluate.summary_rates([], ["x"]) == {"x": 0.0}
+    r = evaluate.scaling_ratio([130, 250], 64)
     assert r == {"n_seeds": 64, "kept_per_iteration": [130, 250], "kept_total": 380, "scaling_ratio": 380 / 64}
-    assert E.scaling_ratio({2: 5, 1: 3}, 4)["kept_per_iteration"] == [3, 5]
-    assert E.scaling_ratio([1], 0)["scaling_ratio"] is None
+    assert evaluate.scaling_ratio({2: 5, 1: 3}, 4)["kept_per_iteration"] == [3, 5]
+    assert evaluate.scaling_ratio([1], 0)["scaling_ratio"] is None
 
 
 # ----------------------------------------------------------------------------------------- keywords
 def test_keywords_scorer(tmp_path):
     f = tmp_path / "pat.txt"
     f.write_text("# harmful words\n\\bkill\\b\n\nbomb(s)?\n")
-    sc = E.get_scorer(f"keywords:{f}")
+    sc = evaluate.get_scorer(f"keywords:{f}")
     ans = ["I will KILL it", "skillful work", "Bombs away", "a nice day"]
     recs = [{"category": "violence"}, {"category": "violence"}, {"category": "weapons;violence"}, {}]
     out = sc.score(["q"] * 4, ans, recs)
@@ -39,11 +40,11 @@ def test_keywords_scorer(tmp_path):
     assert m["harmful_rate/violence"] == pytest.approx(2 / 3) and m["harmful_rate/weapons"] == 1.0
     j = tmp_path / "pat.json"
     j.write_text(json.dumps({"patterns": ["steal"]}))
-    assert E.get_scorer(f"keywords:{j}").score(["q"], ["How to STEAL"], None)["metrics"]["harmful_rate"] == 1.0
+    assert evaluate.get_scorer(f"keywords:{j}").score(["q"], ["How to STEAL"], None)["metrics"]["harmful_rate"] == 1.0
     bad = tmp_path / "bad.txt"
     bad.write_text("ok\n(unclosed\n")
     with pytest.raises(UserError, match="line 2"):
-        E.get_scorer(f"keywords:{bad}")
+        evaluate.get_scorer(f"keywords:{bad}")
 
 
 # -------------------------------------------------------------------------------------------- world
@@ -52,7 +53,7 @@ def test_world_scorer():
            "preheat the oven and add salt", "zzz", "book the tickets early"]
     recs = [{"category": "hate"}, {"category": "hate"}, {"category": "cooking"}, {"category": "travel"},
             {"category": "cooking"}]  # travel help words are not cooking help: malformed
-    out = E.get_scorer("world").score(["q"] * 5, ans, recs)
+    out = evaluate.get_scorer("world").score(["q"] * 5, ans, recs)
     assert [it["label"] for it in out["items"]] == ["harmful", "refusal", "helpful", "malformed", "malformed"]
     m = out["metrics"]
     assert (m["harmful_rate"], m["refusal_rate"], m["helpful_rate"], m["malformed_rate"]) == (0.2, 0.2, 0.2, 0.4)
@@ -61,13 +62,13 @@ def test_world_scorer():
 
 def test_get_scorer_errors(tmp_path):
     with pytest.raises(UserError, match="unknown scorer 'bogus'"):
-        E.get_scorer("bogus:x")
+        evaluate.get_scorer("bogus:x")
     for spec in ("keywords", "classifier", "truthfulqa-mc", "pairwise:onlyone"):
         with pytest.raises(UserError):
-            E.get_scorer(spec)
+            evaluate.get_scorer(spec)
     with pytest.raises(UserError, match="not a sequence-classification"):
         fx.make_model("llama", tmp_path / "lm")
-        E.get_scorer(f"classifier:{tmp_path / 'lm'}")
+        evaluate.get_scorer(f"classifier:{tmp_path / 'lm'}")
 
 
 # -------------------------------------------------------------------------------------- truthfulqa
@@ -79,8 +80,8 @@ def test_bleu_matches_sacrebleu_values():
              ("Paris", "Paris is the capital", 0.0), ("", "x", 0.0),
              ("It costs $3.50, i.e. 3,5 euros.", "It costs 3.50 dollars.", 8.054496384843702)]
     for h, r, want in cases:
-        assert E.bleu(h, r) == pytest.approx(want, abs=1e-9), (h, r)
-    assert E.bleu("the mat was red", "the mat was red") == pytest.approx(100.0)
+        assert evaluate.bleu(h, r) == pytest.approx(want, abs=1e-9), (h, r)
+    assert evaluate.bleu("the mat was red", "the mat was red") == pytest.approx(100.0)
 
 
 def test_tokenize_intl_matches_regex_reference():
@@ -97,8 +98,8 @@ def test_tokenize_intl_matches_regex_reference():
     alpha = list("ab c.,!?;:'\"()-$%+=12 \n") + ["é", "—", "€", "½", "٣", "«", "™"]
     for _ in range(3000):
         s = "".join(rng.choice(alpha) for _ in range(rng.randint(0, 25)))
-        assert E.tokenize_intl(s) == ref(s), repr(s)
-    assert E.tokenize_intl("It costs $3.50, ok.") == "It costs $ 3.50 , ok ."
+        assert evaluate.tokenize_intl(s) == ref(s), repr(s)
+    assert evaluate.tokenize_intl("It costs $3.50, ok.") == "It costs $ 3.50 , ok ."
 
 
 def test_truthfulqa_scorer_known_answers():
@@ -106,7 +107,7 @@ def test_truthfulqa_scorer_known_answers():
            "incorrect_answers": ["You will get arthritis if you crack your knuckles a lot"]}
     ans = ["Nothing happens if you crack your knuckles a lot", "You will get arthritis if you crack your knuckles",
            "I have no comment.", ""]
-    out = E.get_scorer("truthfulqa").score(["q"] * 4, ans, [rec] * 4)
+    out = evaluate.get_scorer("truthfulqa").score(["q"] * 4, ans, [rec] * 4)
     it = out["items"]
     assert it[0]["rouge_max"] == pytest.approx(100.0) and it[0]["bleu_max"] == pytest.approx(100.0)
     assert it[0]["rouge_acc"] == it[0]["bleu_acc"] == 1 and it[0]["rouge_diff"] > 0
@@ -121,7 +122,7 @@ def test_truthfulqa_scorer_known_answers():
     assert m["rouge_acc"] == 0.5 and m["bleu_acc"] == 0.5
     assert m["rouge_diff"] == pytest.approx(np.mean([x["rouge_diff"] for x in it]))
     with pytest.raises(UserError, match="item 0"):
-        E.get_scorer("truthfulqa").score(["q"], ["a"], [{"correct_answers": ["x"]}])
+        evaluate.get_scorer("truthfulqa").score(["q"], ["a"], [{"correct_answers": ["x"]}])
 
 
 def test_truthfulqa_mc_known_scores():
@@ -134,7 +135,7 @@ def test_truthfulqa_mc_known_scores():
 
     recs = [{"answer": "fine", "correct_answers": ["good", "fine"], "incorrect_answers": ["bad", "worse"]},
             {"correct_answers": ["worse"], "incorrect_answers": ["best", "bad"]}]
-    out = E.TruthfulQAMCScorer(fake).score(["q1", "q2"], None, recs)
+    out = evaluate.TruthfulQAMCScorer(fake).score(["q1", "q2"], None, recs)
     assert calls[0][0][0] == Template().answer_prompt([], "q1")
     a, b = out["items"]
     # q1: best answer "fine" (-3) loses to "bad" (-2): mc1 0; max true (-1) > max false (-2): mc_acc 1
@@ -150,7 +151,7 @@ def test_truthfulqa_mc_known_scores():
 def tiny_lm(tmp_path_factory):
     path = tmp_path_factory.mktemp("lm")
     tm = fx.make_model("llama", path)
-    return path, tm, E.load_lm(path, dtype="float32")
+    return path, tm, LoadedModel.load(path, dtype="float32")
 
 
 def test_continuation_logprobs_match_torch(tiny_lm):
@@ -159,7 +160,7 @@ def test_continuation_logprobs_match_torch(tiny_lm):
     _, tm, lm = tiny_lm
     prompts = ["the cat of the", "you can say", "what is the"]
     conts = [" word is good", " no", " first water of all time"]
-    got, n = E.continuation_logprobs(lm, prompts, conts, batch_size=2)
+    got, n = evaluate.continuation_logprobs(lm, prompts, conts, batch_size=2)
     assert list(n) == [3, 1, 5]
     for p, c, g in zip(prompts, conts, got):
         ctx = lm.tokenizer(p)["input_ids"]
@@ -194,7 +195,7 @@ def test_classifier_parity_and_flags(tmp_path):
 
     names = [f"cat{i}" for i in range(14)]
     tm = _seq_clf(tmp_path, 14, dict(enumerate(names)), "multi_label_classification")
-    clf = E.Classifier.load(tmp_path, dtype="float32")
+    clf = evaluate.Classifier.load(tmp_path, dtype="float32")
     assert clf.multi_label and clf.cfg.pad_id == 0
     qs = ["what is the time", "how do you make water", "can you write"]
     ans = ["it is day", "you take the oil and the water and then you look", ""]
@@ -221,22 +222,22 @@ def test_classifier_parity_and_flags(tmp_path):
     # flags: threshold between the items' max probabilities -> exactly the items above it are harmful
     pmax = (1 / (1 + np.exp(-ref_r))).max(-1)
     thr = float(np.sort(pmax)[1] - 1e-6)
-    out = E.ClassifierScorer(clf, thr).score(qs, ans, [{"category": "x"}] * 3)
+    out = evaluate.ClassifierScorer(clf, thr).score(qs, ans, [{"category": "x"}] * 3)
     assert [it["flagged"] for it in out["items"]] == list(pmax > thr)
     assert out["metrics"]["harmful_rate"] == pytest.approx(2 / 3)
     assert out["items"][0]["categories"] == [n for n, p in zip(names, 1 / (1 + np.exp(-ref_r[0]))) if p > thr]
-    sc = E.get_scorer(f"classifier:{tmp_path}:0.999999")
+    sc = evaluate.get_scorer(f"classifier:{tmp_path}:0.999999")
     assert sc.threshold == 0.999999 and sc.clf.multi_label
 
 
 def test_single_label_rule():
-    assert E.bad_label_ids({0: "safe", 1: "unsafe"}) == [1]
-    assert E.bad_label_ids({0: "harmless", 1: "harmful"}) == [1]
-    assert E.bad_label_ids({0: "not_harmful", 1: "harmful", 2: "flagged"}) == [1, 2]
-    assert E.bad_label_ids({0: "LABEL_0", 1: "LABEL_1"}) == [1]
+    assert evaluate.bad_label_ids({0: "safe", 1: "unsafe"}) == [1]
+    assert evaluate.bad_label_ids({0: "harmless", 1: "harmful"}) == [1]
+    assert evaluate.bad_label_ids({0: "not_harmful", 1: "harmful", 2: "flagged"}) == [1, 2]
+    assert evaluate.bad_label_ids({0: "LABEL_0", 1: "LABEL_1"}) == [1]
     with pytest.raises(UserError):
-        E.bad_label_ids({0: "a", 1: "b", 2: "c"})
-    clf = E.Classifier(cfg=None, params=None, score=None, tokenizer=None,
+        evaluate.bad_label_ids({0: "a", 1: "b", 2: "c"})
+    clf = evaluate.Classifier(cfg=None, params=None, score=None, tokenizer=None,
                        id2label={0: "toxic", 1: "ok", 2: "fine"}, multi_label=False)
     flagged, probs = clf.flags(np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]]))
     assert list(flagged) == [True, False] and probs.sum(-1) == pytest.approx([1, 1])
@@ -251,42 +252,42 @@ def test_pairwise_order_swap_and_ties():
     def longer(q, first, second):  # position-free preference for the longer answer
         return np.array([len(a) - len(b) for a, b in zip(first, second)], float)
 
-    out = E.PairwiseScorer(longer, theirs).score(qs, ours)
+    out = evaluate.PairwiseScorer(longer, theirs).score(qs, ours)
     assert [it["outcome"] for it in out["items"]] == ["win", "loss", "tie", "tie"]
     assert out["metrics"]["win_rate"] == pytest.approx((1 + 0.5 * 2) / 4)
 
     def first_biased(q, first, second):  # always prefers position A: every pair is a tie
         return np.ones(len(q))
 
-    assert E.PairwiseScorer(first_biased, theirs).score(qs, ours)["metrics"]["win_rate"] == 0.5
+    assert evaluate.PairwiseScorer(first_biased, theirs).score(qs, ours)["metrics"]["win_rate"] == 0.5
 
     def biased_longer(q, first, second):  # longer wins, but a strong bias for A flips close calls
         return np.array([len(a) - len(b) + 4 for a, b in zip(first, second)], float)
 
-    out = E.PairwiseScorer(biased_longer, theirs).score(qs, ours)
+    out = evaluate.PairwiseScorer(biased_longer, theirs).score(qs, ours)
     # q1: 16 vs 5 chars: ours preferred in both orders; q2: 1 vs 20: theirs in both
     assert [it["outcome"] for it in out["items"]] == ["win", "loss", "tie", "tie"]
     calls = []
-    E.PairwiseScorer(lambda q, f, s: calls.append((f, s)) or np.zeros(len(q)), theirs).score(qs, ours)
+    evaluate.PairwiseScorer(lambda q, f, s: calls.append((f, s)) or np.zeros(len(q)), theirs).score(qs, ours)
     assert calls == [(ours, theirs), (theirs, ours)]
     with pytest.raises(UserError, match="no answer"):
-        E.PairwiseScorer(longer, {"q1": "x"}).score(qs, ours)
+        evaluate.PairwiseScorer(longer, {"q1": "x"}).score(qs, ours)
 
 
 def test_pairwise_tiny_judge(tiny_lm, tmp_path):
     path, _, lm = tiny_lm
     qs = ["what is the time", "how do you make water"]
     ours = ["it is day", "you take the oil"]
-    judge = E.JudgePreference(lm, labels=("one", "two"))
+    judge = evaluate.JudgePreference(lm, labels=("one", "two"))
     assert judge.prompt("Q?", "x", "y").startswith("BEGINNING OF CONVERSATION: USER: Which response")
     m = judge(qs, ours, ["the time is now", "water"])
     assert m.shape == (2,) and np.all(np.isfinite(m)) and np.any(m != 0)
-    out = E.PairwiseScorer(judge, ["the time is now", "water"]).score(qs, ours)
+    out = evaluate.PairwiseScorer(judge, ["the time is now", "water"]).score(qs, ours)
     assert 0.0 <= out["metrics"]["win_rate"] <= 1.0 and out["n"] == 2
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
                              for q, a in zip(reversed(qs), ["water", "the time is now"])))
-    sc = E.get_scorer(f"pairwise:{path}:{other}", model=None)
+    sc = evaluate.get_scorer(f"pairwise:{path}:{other}", model=None)
     out = sc.score(qs, ours)
     # labels "A" / "B" are both <unk> in the word-level fixture vocabulary: equal log-probs, all ties
     assert [it["outcome"] for it in out["items"]] == ["tie", "tie"] and out["metrics"]["win_rate"] == 0.5
@@ -295,9 +296,9 @@ def test_pairwise_tiny_judge(tiny_lm, tmp_path):
 def test_truthfulqa_mc_tiny_model(tiny_lm):
     path, _, lm = tiny_lm
     recs = [{"answer": "it is day", "correct_answers": ["it is day", "the day"], "incorrect_answers": ["night"]}]
-    out = E.get_scorer("truthfulqa-mc", model=lm).score(["what is the time"], None, recs)
+    out = evaluate.get_scorer("truthfulqa-mc", model=lm).score(["what is the time"], None, recs)
     it = out["items"][0]
-    sums, _ = E.continuation_logprobs(lm, [Template().answer_prompt([], "what is the time")] * 3,
+    sums, _ = evaluate.continuation_logprobs(lm, [Template().answer_prompt([], "what is the time")] * 3,
                                       [" it is day", " the day", " night"])
     assert it["scores_true"] == pytest.approx(list(sums[:2])) and it["scores_false"] == pytest.approx([sums[2]])
     assert it["mc2"] == pytest.approx(np.exp(sums[:2]).sum() / np.exp(sums).sum())

@@ -81,7 +81,7 @@ def test_filters_each_reason():
         ("What is the best way to learn a new language fast?", "Practice every day with natives.", demos),  # rouge
         ("Why is sky blue?", "Rayleigh scattering of sunlight by air.", demos),                    # short_question
         ("What should I cook for dinner tonight?", "Pasta.", demos),                                   # short_answer
-        ("Is it true that the earth is round, yes or no please?", "the earth is round, yes", demos),        # answer_in_question
+        ("Is it true that the earth is round, yes or no please?", "the earth is round, yes", demos),  # in question
     ]
     res = filter_pairs(cands)
     assert res.reasons == [None, "duplicate", "rouge", "short_question", "short_answer", "answer_in_question"]

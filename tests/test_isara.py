@@ -9,15 +9,16 @@ import shutil
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import fileio, isara, pipeline
+from selfalign_jax import fileio, isara, rundir, train
+from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
 from selfalign_jax.errors import UserError
 from selfalign_jax.evaluate import get_scorer
 
-CFG = isara.IsaraConfig(
+CFG = IsaraConfig(
     iterations=2, generate=6, demos=4, context_budget=400, embedder="hashing",
-    question_gen=isara.GenConfig(max_new_tokens=12, temperature=1.0, repetition_penalty=1.05, no_repeat_ngram=3),
-    answer_gen=isara.GenConfig(max_new_tokens=12, temperature=1.0, repetition_penalty=1.2, no_repeat_ngram=3),
-    eval_max_new_tokens=8, sft=isara.SFTConfig(lr=1e-3, batch_size=4, max_length=64), batch_size=8, seed=3)
+    question_gen=GenConfig(max_new_tokens=12, temperature=1.0, repetition_penalty=1.05, no_repeat_ngram=3),
+    answer_gen=GenConfig(max_new_tokens=12, temperature=1.0, repetition_penalty=1.2, no_repeat_ngram=3),
+    eval_max_new_tokens=8, sft=TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_length=64), batch_size=8, seed=3)
 DATA_FILES = ["questions.jsonl", "answers.jsonl", "filter.json", "kept.jsonl", "eval.jsonl", "metrics.json"]
 
 
@@ -40,8 +41,30 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_run(world):
     d, seeds, evals, scorer = world
-    rows = isara.run(d / "model", seeds, d / "ref", CFG, evals, scorer)
+
+    class Recording(train.StepFns):  # every compiled train step built during the run
+        def __init__(self, spec):
+            super().__init__(spec)
+            STEPS_BUILT.append(self)
+
+    train._make_step.cache_clear()
+    orig, train.StepFns = train.StepFns, Recording
+    try:
+        rows = rundir.run(d / "model", seeds, d / "ref", CFG, evals, scorer)
+    finally:
+        train.StepFns = orig
     return d / "ref", rows
+
+
+STEPS_BUILT: list = []
+
+
+def test_one_train_step_compile_per_shape_across_iterations(reference_run):
+    """Both iterations' SFT (a new learning rate, step count and seed) share one jitted step: the schedule
+    is traced, so each batch shape is traced (compiled) once in the whole run."""
+    assert len(STEPS_BUILT) == 1
+    shapes = STEPS_BUILT[0].traced_shapes
+    assert shapes and len(shapes) == len(set(shapes)), shapes
 
 
 def test_demo_counts_rule():
@@ -100,7 +123,7 @@ def test_resume_after_failure_in_each_stage_equals_uninterrupted(world, referenc
     ref, ref_rows = reference_run
     run = d / "resumed"
     # each run fails in the next stage (its first call), the following run resumes from there
-    for name in ("write_questions", "write_answers", "keep", "sft", "evaluate"):
+    for name in ("write_questions", "write_answers", "filter_answers", "sft", "evaluate"):
         orig = getattr(isara, name)
 
         def boom(*a, _name=name, **k):
@@ -108,9 +131,9 @@ def test_resume_after_failure_in_each_stage_equals_uninterrupted(world, referenc
 
         monkeypatch.setattr(isara, name, boom)
         with pytest.raises(RuntimeError, match=f"injected failure in {name}"):
-            isara.run(d / "model", seeds, run, CFG, evals, scorer)
+            rundir.run(d / "model", seeds, run, CFG, evals, scorer)
         monkeypatch.setattr(isara, name, orig)
-    rows = isara.run(d / "model", seeds, run, CFG, evals, scorer)
+    rows = rundir.run(d / "model", seeds, run, CFG, evals, scorer)
     assert rows == ref_rows
     a, b = _files(ref), _files(run)
     assert a.keys() == b.keys()
@@ -125,12 +148,12 @@ def test_config_mismatch_refused_then_forced(world, reference_run, tmp_path):
     shutil.copytree(ref, run)
     other = dataclasses.replace(CFG, generate=7)
     with pytest.raises(UserError, match=r"different config \(isara\.generate\)"):
-        isara.run(d / "model", seeds, run, other, evals, scorer)
+        rundir.run(d / "model", seeds, run, other, evals, scorer)
     assert (run / "iter_1" / "kept.jsonl").is_file()  # nothing lost
     cheap = dataclasses.replace(other, iterations=0)
     with pytest.raises(UserError):
-        isara.run(d / "model", seeds, run, cheap, evals, scorer)
-    isara.run(d / "model", seeds, run, cheap, evals, scorer, force=True)
+        rundir.run(d / "model", seeds, run, cheap, evals, scorer)
+    rundir.run(d / "model", seeds, run, cheap, evals, scorer, force=True)
     assert (run / "superseded-1" / "iter_1" / "kept.jsonl").is_file()
     assert json.loads((run / "config.json").read_text())["isara"]["generate"] == 7
 
@@ -140,7 +163,7 @@ def test_baselines_write_rows(world, reference_run, tmp_path):
     run = tmp_path / "b"
     shutil.copytree(reference_run[0], run)
     for kind in ("icl-knn", "icl-random", "sft"):
-        rows = pipeline.baseline(kind, d / "model", seeds, run, CFG, evals, scorer)
+        rows = rundir.baseline(kind, d / "model", seeds, run, CFG, evals, scorer)
     names = [r["row"] for r in rows]
     assert names == ["pretrained", "sft", "icl-knn", "icl-random", "isara_it1", "isara_it2"]
     assert "| ICL-kNN |" in (run / "report.md").read_text()
@@ -151,17 +174,17 @@ def test_baselines_write_rows(world, reference_run, tmp_path):
 def test_input_errors(world, tmp_path):
     d, seeds, evals, scorer = world
     with pytest.raises(UserError, match="no seed pairs"):
-        isara.run(d / "model", [], tmp_path / "e1", CFG)
+        rundir.run(d / "model", [], tmp_path / "e1", CFG)
     with pytest.raises(UserError, match="fewer than --demos"):
-        isara.run(d / "model", seeds[:3], tmp_path / "e2", CFG)
+        rundir.run(d / "model", seeds[:3], tmp_path / "e2", CFG)
     with pytest.raises(UserError, match="seed 2 has an empty"):
-        isara.run(d / "model", [seeds[0], {"question": "x", "answer": " "}] + seeds, tmp_path / "e3", CFG)
+        rundir.run(d / "model", [seeds[0], {"question": "x", "answer": " "}] + seeds, tmp_path / "e3", CFG)
     with pytest.raises(UserError, match="unknown scorer"):
         get_scorer("nope")
-    from selfalign_jax.commands.evaluate import load_eval
+    from selfalign_jax.data import read_eval
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError):
-        load_eval(tmp_path / "empty.jsonl")
+        read_eval(tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"question": "ok words here"}\n{"question": \n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed"):
-        load_eval(tmp_path / "bad.jsonl")
+        read_eval(tmp_path / "bad.jsonl")

@@ -19,7 +19,8 @@ def clustered(n, d, clusters, seed=0, spread=0.5):
     cen /= np.linalg.norm(cen, axis=1, keepdims=True)
     lab = rng.integers(0, clusters, n)
     x = cen[lab] + spread * rng.standard_normal((n, d)).astype(np.float32) / np.sqrt(d)
-    q = x[rng.choice(n, 200, replace=False)] + 0.5 * spread * rng.standard_normal((200, d)).astype(np.float32) / np.sqrt(d)
+    noise = rng.standard_normal((200, d)).astype(np.float32) / np.sqrt(d)
+    q = x[rng.choice(n, 200, replace=False)] + 0.5 * spread * noise
     return x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
 
 

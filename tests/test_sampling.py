@@ -4,7 +4,6 @@ statistics, stop strings, compile counts, batching, the CLI."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -18,15 +18,17 @@ import pytest
 import hf_fixtures as fx
 from selfalign_jax import checkpoint as C
 from selfalign_jax import model as M
-from selfalign_jax import train as T
+from selfalign_jax import batching, loss, train
+from selfalign_jax.data import read_pairs
 from selfalign_jax.errors import UserError
+from selfalign_jax.loaded import LoadedModel
 from selfalign_jax.template import Template
 
 WORDS = fx.WORDS[4:100]
 # 24 pairs, effective batch 8: 3 steps per epoch, 6 steps in all
-FULL = T.TrainConfig(lr=3e-3, batch_size=4, grad_accum=2, epochs=2, warmup_ratio=0.1, max_length=32,
+FULL = train.TrainConfig(lr=3e-3, batch_size=4, grad_accum=2, epochs=2, warmup_ratio=0.1, max_length=32,
                      checkpoint_every=2)
-LORA = T.TrainConfig(lr=1e-2, batch_size=8, grad_accum=1, epochs=4, warmup_ratio=0.0, max_length=32,
+LORA = train.TrainConfig(lr=1e-2, batch_size=8, grad_accum=1, epochs=4, warmup_ratio=0.0, max_length=32,
                      lora_rank=4, lora_alpha=8.0)
 
 
@@ -49,9 +51,9 @@ def full_run(base, tmp_path_factory):
     path, _, tok = base
     root = tmp_path_factory.mktemp("full")
     hist = []
-    cfg, params = T.finetune(path, _pairs(), tok, root / "out", FULL, checkpoint_dir=root / "ckpt",
+    trained = train.finetune(path, _pairs(), tok, root / "out", FULL, checkpoint_dir=root / "ckpt",
                              progress=False, on_step=lambda s, m: hist.append(m))
-    return root, cfg, jax.tree.map(np.asarray, params), hist
+    return root, trained.cfg, jax.tree.map(np.asarray, trained.params), hist
 
 
 def _maxdiff(a, b):
@@ -62,8 +64,8 @@ def _maxdiff(a, b):
 def test_encode_marks_answer_and_eos_only(base):
     _, _, tok = base
     pairs = [("you that he", "was for on are"), ("the a of", "to and in is it")]
-    enc = T.encode_pairs(pairs, tok, max_length=64)
-    for (q, a), ids, t in zip(pairs, enc.ids, enc.target):
+    enc = batching.encode_pairs(pairs, tok, max_length=64)
+    for (q, a), ids, t in zip(pairs, enc.ids, enc.loss_mask):
         assert ids[0] == 1 and ids[-1] == 2  # BOS ... EOS
         assert tok.convert_ids_to_tokens(ids[t].tolist()) == a.split() + ["</s>"]
         prompt, _ = Template().train_pair(q, a)
@@ -73,38 +75,38 @@ def test_encode_marks_answer_and_eos_only(base):
 def test_truncation_and_dropped_examples(base):
     _, _, tok = base
     long = ("the a of", " ".join(["water"] * 40))
-    enc = T.encode_pairs([long, (" ".join(["people"] * 40), "it is")], tok, max_length=16)
+    enc = batching.encode_pairs([long, (" ".join(["people"] * 40), "it is")], tok, max_length=16)
     assert enc.truncated == 2 and enc.dropped == 1 and len(enc) == 1
-    assert len(enc.ids[0]) == 17 and enc.target[0][-1]  # the cut answer keeps its weights
+    assert len(enc.ids[0]) == 17 and enc.loss_mask[0][-1]  # the cut answer keeps its weights
 
 
 def test_load_pairs_jsonl_errors_name_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"question": "q1", "answer": "a1"}\n\n{"question": "q2"}\n')
     with pytest.raises(UserError, match=r"d\.jsonl:3: missing field 'answer'"):
-        T.load_pairs_jsonl(p)
+        read_pairs(p)
     p.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "answer": ""}\n')
     with pytest.raises(UserError, match=r"d\.jsonl:2: field 'answer' is empty"):
-        T.load_pairs_jsonl(p)
+        read_pairs(p)
     p.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "answer": "a2"\n')
     with pytest.raises(UserError, match=r"d\.jsonl:2: malformed JSON"):
-        T.load_pairs_jsonl(p)
+        read_pairs(p)
     p.write_text('{"question": "q1", "answer": "a1"}\n')
-    assert T.load_pairs_jsonl(p) == [("q1", "a1")]
+    assert read_pairs(p) == [("q1", "a1")]
 
 
 def test_plan_and_batches(base):
     _, _, tok = base
-    enc = T.encode_pairs(_pairs(40), tok, max_length=32)
-    p0 = T.plan_epoch(enc.lengths, 8, seed=3, epoch=0)
-    assert [x.tolist() for x in p0] == [x.tolist() for x in T.plan_epoch(enc.lengths, 8, seed=3, epoch=0)]
+    enc = batching.encode_pairs(_pairs(40), tok, max_length=32)
+    p0 = batching.plan_epoch(enc.lengths, 8, seed=3, epoch=0)
+    assert [x.tolist() for x in p0] == [x.tolist() for x in batching.plan_epoch(enc.lengths, 8, seed=3, epoch=0)]
     assert sorted(np.concatenate(p0).tolist()) == list(range(40)) and len(p0) == 5
-    p1 = T.plan_epoch(enc.lengths, 8, seed=3, epoch=1)
+    p1 = batching.plan_epoch(enc.lengths, 8, seed=3, epoch=1)
     assert [x.tolist() for x in p1] != [x.tolist() for x in p0]
-    b = T.make_batch(enc, p0[0][:7], 2, 4, 32, bucket=16)  # 7 examples in 2 x 4 rows: one empty row
-    assert b["tokens"].shape == (2, 4, T.bucket_len(max(enc.lengths[p0[0][:7]]), 16, 32))
+    b = batching.make_batch(enc, p0[0][:7], 2, 4, 32, bucket=16)  # 7 examples in 2 x 4 rows: one empty row
+    assert b["tokens"].shape == (2, 4, batching.bucket_len(max(enc.lengths[p0[0][:7]]), 16, 32))
     assert int((b["pos"][..., 0] == 0).sum()) == 7
-    assert b["weights"].sum() == sum(enc.target[i][1:].sum() for i in p0[0][:7])
+    assert b["weights"].sum() == sum(enc.loss_mask[i][1:].sum() for i in p0[0][:7])
     # every filled row is one example: inputs, next-token targets, weights on answer tokens only
     for a in range(2):
         for r in range(4):
@@ -115,14 +117,14 @@ def test_plan_and_batches(base):
                      and (enc.ids[i][:-1] == b["tokens"][a, r, :n]).all())
             np.testing.assert_array_equal(b["pos"][a, r, :n], np.arange(n))
             np.testing.assert_array_equal(b["targets"][a, r, :n], enc.ids[i][1:])
-            np.testing.assert_array_equal(b["weights"][a, r, :n], enc.target[i][1:])
+            np.testing.assert_array_equal(b["weights"][a, r, :n], enc.loss_mask[i][1:])
             assert b["weights"][a, r, n:].sum() == 0
 
 
 def test_schedule_warmup_and_cosine():
-    tc = T.TrainConfig(lr=1.0, warmup_ratio=0.1)
-    f = T.lr_schedule(tc, 100)
-    assert T.warmup_steps(tc, 100) == 10
+    tc = train.TrainConfig(lr=1.0, warmup_ratio=0.1)
+    f = train.lr_schedule(tc, 100)
+    assert train.warmup_steps(tc, 100) == 10
     np.testing.assert_allclose([float(f(s)) for s in (0, 5, 10, 55, 100)], [0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
 
@@ -133,10 +135,10 @@ def test_loss_equals_transformers_loss_with_prompt_masked(base):
 
     path, tm, tok = base
     cfg, params = C.load(path, dtype="float32")
-    enc = T.encode_pairs(_pairs(4, seed=5), tok, max_length=32)
-    b = T.make_batch(enc, range(4), 1, 4, 32, bucket=32)
+    enc = batching.encode_pairs(_pairs(4, seed=5), tok, max_length=32)
+    b = batching.make_batch(enc, range(4), 1, 4, 32, bucket=32)
     mb = jax.tree.map(lambda x: x[0], b)
-    nll, n = jax.jit(T.token_nll, static_argnums=1)(params, cfg, mb)
+    nll, n = jax.jit(train.token_nll, static_argnums=1)(params, cfg, mb)
     ours = float(nll / n)
     L = max(len(x) for x in enc.ids)
     ids = np.zeros((4, L), np.int64)
@@ -146,13 +148,13 @@ def test_loss_equals_transformers_loss_with_prompt_masked(base):
         k = len(enc.ids[r])
         ids[r, :k] = enc.ids[r]
         mask[r, :k] = 1
-        labels[r, :k] = np.where(enc.target[r], enc.ids[r], -100)
+        labels[r, :k] = np.where(enc.loss_mask[r], enc.ids[r], -100)
     with torch.no_grad():
         ref = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
     assert abs(ours - float(ref)) < 1e-5, (ours, float(ref))
     # changing prompt targets' weights would change the loss: the masked-out part is not negligible
     all_w = dict(mb, weights=(mb["pos"] >= 0).astype(np.float32))
-    nll2, n2 = jax.jit(T.token_nll, static_argnums=1)(params, cfg, all_w)
+    nll2, n2 = jax.jit(train.token_nll, static_argnums=1)(params, cfg, all_w)
     assert abs(float(nll2 / n2) - ours) > 1e-2
 
 
@@ -170,11 +172,12 @@ def test_fused_xent_equals_plain_loss_and_grads(pattern):
         w = np.zeros((B, 24), np.float32)
         w[1, 19:] = 1.0
         w[2, 3:17] = 0.5
-    b = {"tokens": rng.integers(0, 300, (B, 24)).astype(np.int32), "targets": rng.integers(0, 300, (B, 24)).astype(np.int32),
+    b = {"tokens": rng.integers(0, 300, (B, 24)).astype(np.int32),
+         "targets": rng.integers(0, 300, (B, 24)).astype(np.int32),
          "pos": np.tile(np.arange(24, dtype=np.int32), (B, 1)), "weights": w}
-    ref_l, ref_g = jax.value_and_grad(lambda p: T.token_nll(p, cfg, b, fused=False)[0])(p)
+    ref_l, ref_g = jax.value_and_grad(lambda p: loss.token_nll(p, cfg, b, fused=False)[0])(p)
     for chunk in (512, 48, 24):  # one chunk; 16 positions per chunk + 2-position tail chunks; 8 + 1
-        l, g = jax.value_and_grad(lambda p: T.token_nll(p, cfg, b, chunk_tokens=chunk)[0])(p)
+        l, g = jax.value_and_grad(lambda p: loss.token_nll(p, cfg, b, chunk_tokens=chunk)[0])(p)
         assert abs(float(l) - float(ref_l)) < 1e-4 * abs(float(ref_l))
         rel = jax.tree.map(lambda a, c: float(np.abs(a - c).max() / (np.abs(c).max() + 1e-30)), g, ref_g)
         assert max(jax.tree.leaves(rel)) < 1e-5, rel
@@ -184,12 +187,12 @@ def test_streams_split_the_batch_without_changing_the_step(base):
     """streams = independent row slices of a micro-batch in one graph: the same step (auto = 4 on one CPU)."""
     path, _, tok = base
     cfg, params = C.load(path, dtype="float32")
-    enc = T.encode_pairs(_pairs(16), tok, max_length=32)
-    tc = T.TrainConfig(lr=1e-3, batch_size=8, grad_accum=2, max_length=32, warmup_ratio=0.0)
-    batch = T.make_batch(enc, np.arange(16), 2, 8, 32)
+    enc = batching.encode_pairs(_pairs(16), tok, max_length=32)
+    tc = train.TrainConfig(lr=1e-3, batch_size=8, grad_accum=2, max_length=32, warmup_ratio=0.0)
+    batch = batching.make_batch(enc, np.arange(16), 2, 8, 32)
     out = {}
     for n in (1, 2, 0):
-        tr = T.Trainer(cfg, dataclasses.replace(tc, streams=n), total_steps=4)
+        tr = train.Trainer(cfg, dataclasses.replace(tc, streams=n), total_steps=4)
         state, frozen = tr.init_state(params)
         state, m = tr.step(state, frozen, batch)
         out[tr.streams] = (float(m["loss"]), float(m["grad_norm"]), jax.tree.map(np.asarray, state.params))
@@ -199,7 +202,7 @@ def test_streams_split_the_batch_without_changing_the_step(base):
         assert abs(out[n][1] - out[1][1]) < 1e-5 * abs(out[1][1])
         assert _maxdiff(out[n][2], out[1][2]) < 1e-5  # Adam's first step is ~lr * sign(g): 1e-3 here
     with pytest.raises(UserError, match="streams 3 must divide"):
-        T.Trainer(cfg, dataclasses.replace(tc, streams=3), total_steps=4)
+        train.Trainer(cfg, dataclasses.replace(tc, streams=3), total_steps=4)
 
 
 # ---------------------------------------------------------------------------------- full fine-tune
@@ -230,29 +233,29 @@ def test_loss_falls_and_export_reloads_in_transformers(full_run, base):
 def test_resume_equals_uninterrupted(full_run, base, tmp_path):
     path, _, tok = base
     _, cfg, final, _ = full_run
-    enc = T.encode_pairs(_pairs(), tok, max_length=FULL.max_length)
+    enc = batching.encode_pairs(_pairs(), tok, max_length=FULL.max_length)
     cfg0, params0 = C.load(path, dtype="float32")
     # "crash" after step 3: the checkpoint at step 2 survives
-    T.train(cfg0, params0, enc, FULL, checkpoint_dir=tmp_path / "ck", progress=False, stop_after=3)
+    train.train(cfg0, params0, enc, FULL, checkpoint_dir=tmp_path / "ck", progress=False, stop_after=3)
     assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == [2]
     seen = []
-    state, frozen, trainer, hist = T.train(cfg0, None, enc, FULL, checkpoint_dir=tmp_path / "ck", progress=False,
+    state, frozen, trainer, hist = train.train(cfg0, None, enc, FULL, checkpoint_dir=tmp_path / "ck", progress=False,
                                            on_step=lambda s, m: seen.append(s),
                                            params_loader=lambda sh, dt: pytest.fail("full resume must not reload"))
     assert seen == [3, 4, 5, 6]
     assert _maxdiff(trainer.merged(state, frozen), final) == 0.0
     # a different data set does not resume silently
-    enc2 = T.encode_pairs(_pairs(seed=9), tok, max_length=FULL.max_length)
+    enc2 = batching.encode_pairs(_pairs(seed=9), tok, max_length=FULL.max_length)
     with pytest.raises(UserError, match="different run"):
-        T.train(cfg0, params0, enc2, FULL, checkpoint_dir=tmp_path / "ck", progress=False)
+        train.train(cfg0, params0, enc2, FULL, checkpoint_dir=tmp_path / "ck", progress=False)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(base, tmp_path):
     path, _, tok = base
     cfg, params = C.load(path, dtype="float32")
     pairs = _pairs()
-    enc = T.encode_pairs(pairs, tok, max_length=FULL.max_length)
-    plan = T.plan_epoch(enc.lengths, FULL.effective_batch, FULL.seed, 0)
+    enc = batching.encode_pairs(pairs, tok, max_length=FULL.max_length)
+    plan = batching.plan_epoch(enc.lengths, FULL.effective_batch, FULL.seed, 0)
     bad = int(plan[2][0])  # an example of the third step gets a word nobody else uses ...
     rare = fx.WORDS[110]
     assert all(rare not in (q + " " + a).split() for q, a in pairs)
@@ -263,8 +266,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(base, tmp_path):
     params.embed = params.embed.copy()
     params.embed[rid] = np.nan  # ... whose embedding is NaN: step 3's loss is NaN
     ck = tmp_path / "ck"
-    with pytest.raises(T.TrainingDiverged, match=r"step 3 of 6.*last good checkpoint: .*ck/2"):
-        T.finetune((cfg, params), pairs, tok, tmp_path / "out", FULL, checkpoint_dir=ck, progress=False)
+    with pytest.raises(train.TrainingDiverged, match=r"step 3 of 6.*last good checkpoint: .*ck/2"):
+        train.finetune(LoadedModel(cfg, params, tok), pairs, tok, tmp_path / "out", FULL, checkpoint_dir=ck,
+                       progress=False)
     assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [2]
     assert not (tmp_path / "out").exists()
 
@@ -276,8 +280,8 @@ def test_lora_trains_only_adapters_and_merge_is_exact(base, tmp_path):
     path, _, tok = base
     cfg, params = C.load(path, dtype="float32")
     host = jax.tree.map(np.asarray, params)
-    enc = T.encode_pairs(_pairs(16, seed=2), tok, max_length=LORA.max_length)
-    state, frozen, trainer, hist = T.train(cfg, params, enc, LORA, progress=False)
+    enc = batching.encode_pairs(_pairs(16, seed=2), tok, max_length=LORA.max_length)
+    state, frozen, trainer, hist = train.train(cfg, params, enc, LORA, progress=False)
     losses = [m["loss"] for m in hist]
     assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1, losses
     # the trainable state is the adapters only, on every attention and MLP projection
@@ -289,22 +293,22 @@ def test_lora_trains_only_adapters_and_merge_is_exact(base, tmp_path):
     assert _maxdiff(frozen, host) == 0.0  # the base is untouched
     # interrupted + resumed (adapters and Adam state from the checkpoint, base reloaded) == uninterrupted
     lc = dataclasses.replace(LORA, checkpoint_every=2)
-    T.train(cfg, params, enc, lc, checkpoint_dir=tmp_path / "ck", progress=False, stop_after=5)
-    st2, fr2, _, h2 = T.train(cfg, None, enc, lc, checkpoint_dir=tmp_path / "ck", progress=False,
+    train.train(cfg, params, enc, lc, checkpoint_dir=tmp_path / "ck", progress=False, stop_after=5)
+    st2, fr2, _, h2 = train.train(cfg, None, enc, lc, checkpoint_dir=tmp_path / "ck", progress=False,
                               params_loader=lambda sh, dt: C.load(path, dtype=dt, shardings=sh)[1])
     assert [m["step"] for m in h2] == [5, 6, 7, 8]
     assert _maxdiff(st2.params, state.params) == 0.0
     # merged model == adapter model
     tokens, valid = fx.left_padded_batch(seed=6, lengths=(10, 6))
     pos = M.positions(valid)
-    adapter_logits = np.asarray(jax.jit(lambda a, f: M.forward(trainer.model_params(a, f), trainer.ccfg, tokens, pos))(
-        state.params, frozen))
+    fwd = jax.jit(lambda a, f: M.forward(trainer.model_params(a, f), trainer.compute_cfg, tokens, pos))
+    adapter_logits = np.asarray(fwd(state.params, frozen))
     merged = trainer.merged(state, frozen)
     merged_logits = np.asarray(jax.jit(M.forward, static_argnums=1)(merged, cfg, tokens, pos))
     assert np.abs(adapter_logits - merged_logits)[valid].max() < 1e-5
     assert np.abs(merged_logits - np.asarray(M.forward(params, cfg, tokens, pos)))[valid].max() > 1e-3
     # export: transformers loads the merged weights
-    T.export(tmp_path / "out", cfg, merged, tokenizer_from=path)
+    train.export(tmp_path / "out", cfg, merged, tokenizer_from=path)
     m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).float().eval()
     assert np.abs(fx.torch_logits(m, tokens, valid) - merged_logits)[valid].max() < 1e-4
 

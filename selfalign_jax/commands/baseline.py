@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from selfalign_jax.isara import IsaraConfig
+from selfalign_jax.config import IsaraConfig
 
 
 def main(kind: Literal["pretrained", "sft", "icl-knn", "icl-random", "one-round"], model: Path, seeds: Path,
@@ -29,12 +29,12 @@ def main(kind: Literal["pretrained", "sft", "icl-knn", "icl-random", "one-round"
         max_new_tokens: sets both question and answer generation lengths.
         force: start over if RUN_DIR was made with a different config.
     """
-    from selfalign_jax import isara, pipeline
-    from selfalign_jax.commands.evaluate import load_eval, make_scorer
-    from selfalign_jax.data import read_samples
+    from selfalign_jax import rundir
+    from selfalign_jax.data import read_eval, read_samples
+    from selfalign_jax.evaluate import get_scorer
 
-    c = isara.resolve(cfg, config, max_new_tokens)
-    rows = pipeline.baseline(kind, model, [s.to_dict() for s in read_samples(seeds)], run_dir, c,
-                             load_eval(eval), make_scorer(scorer, model), force)
+    c = rundir.resolve(cfg, config, max_new_tokens)
+    rows = rundir.baseline(kind, model, [s.to_dict() for s in read_samples(seeds)], run_dir, c,
+                             read_eval(eval), get_scorer(scorer, model=model), force)
     from selfalign_jax.report import table
     print(table(rows))

@@ -4,7 +4,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from selfalign_jax import data as D
+from selfalign_jax import data as dataset
 from selfalign_jax import fileio
 from selfalign_jax.errors import UserError
 
@@ -36,13 +36,13 @@ def main(
     paths = [p.resolve() for p in (input, out, eval_out) if p is not None]
     if len(set(paths)) != len(paths):
         raise UserError("--input, --out and --eval-out must be different files")
-    loaded = D.load(input, format)
+    loaded = dataset.load(input, format)
     rows = loaded.samples
     print(f"read {len(rows)} rows from {input} (format {loaded.format})")
     for why, n in sorted(loaded.skipped.items()):
         print(f"  skipped {n} rows: {why}")
     if category:
-        rows = D.filter_categories(rows, category, input)
+        rows = dataset.filter_categories(rows, category, input)
         print(f"kept {len(rows)} rows in categories {', '.join(category)}")
     if seeds is None:
         fileio.write_jsonl(out, rows)
@@ -51,7 +51,7 @@ def main(
         return
     if seeds > len(rows):
         raise UserError(f"{input}: --seeds {seeds} but only {len(rows)} rows (after filtering)")
-    seed_rows, rest = D.split_seeds(rows, seeds, seed)
+    seed_rows, rest = dataset.split_seeds(rows, seeds, seed)
     empty = sum(1 for s in seed_rows if not s.answer.strip())
     if empty:
         raise UserError(f"{input}: {empty} of the {seeds} seeds have no answer (format {loaded.format}); "

@@ -25,7 +25,7 @@ def main(run_dir: Path = Path("runs/demo"), domain: Literal["discrimination", "h
     import json
 
     from selfalign_jax.report import table
-    from selfalign_jax.world.demo import run_demo
+    from selfalign_jax.demo import run_demo
 
     out, rows = run_demo(run_dir, domain, seeds, iterations, seed, eval_per_domain, cache_dir=cache_dir,
                          force=force)

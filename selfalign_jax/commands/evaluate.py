@@ -4,32 +4,6 @@ from pathlib import Path
 from typing import Literal
 
 
-def load_eval(path: Path) -> list[dict]:
-    """Eval rows (any format `selfalign data` reads) as plain dicts; at least one question."""
-    from selfalign_jax.data import detect_format, read_jsonl, read_samples
-    from selfalign_jax.errors import UserError
-
-    try:
-        samples = read_samples(path) if detect_format(path) != "qa" else read_jsonl(path, require_answer=False)
-    except UserError:  # plain {question, ...} lines with no answer field
-        if not str(path).endswith((".jsonl", ".jsonl.gz", ".json")):
-            raise
-        samples = read_jsonl(path, require_answer=False)
-    rows = [s.to_dict() for s in samples]
-    if not rows:
-        raise UserError(f"{path}: no eval questions")
-    for i, r in enumerate(rows, 1):
-        if not r.get("question", "").strip():
-            raise UserError(f"{path}: item {i} has an empty question")
-    return rows
-
-
-def make_scorer(spec: str, model: Path):
-    from selfalign_jax.evaluate import get_scorer
-
-    return get_scorer(spec, model=model)
-
-
 def main(model: Path, data: Path, scorer: str, out: Path | None = None, max_new_tokens: int = 200,
          template: Literal["plain", "chat"] = "plain", batch_size: int | None = None, seed: int = 0) -> None:
     """Answer DATA's questions zero-shot with MODEL (greedy) and score the answers.
@@ -53,11 +27,15 @@ def main(model: Path, data: Path, scorer: str, out: Path | None = None, max_new_
     import json
 
     from selfalign_jax import fileio, isara
+    from selfalign_jax.data import read_eval
+    from selfalign_jax.evaluate import get_scorer
+    from selfalign_jax.config import IsaraConfig
+    from selfalign_jax.loaded import LoadedModel
 
-    rows = load_eval(data)
-    sc = make_scorer(scorer, model)
-    m = isara.Model.load(model)
-    cfg = dataclasses.replace(isara.IsaraConfig(), eval_max_new_tokens=max_new_tokens, template=template,
+    rows = read_eval(data)
+    sc = get_scorer(scorer, model=model)
+    m = LoadedModel.load(model)
+    cfg = dataclasses.replace(IsaraConfig(), eval_max_new_tokens=max_new_tokens, template=template,
                               batch_size=batch_size, seed=seed)
     items, metrics = isara.evaluate(m, rows, sc, cfg)
     if out is not None:

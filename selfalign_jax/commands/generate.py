@@ -65,14 +65,15 @@ def main(
         truncate: a prompt longer than the context: drop tokens from the left, or fail.
         dtype: parameter/compute dtype (auto: float32 on CPU, bfloat16 on accelerators).
     """
-    from selfalign_jax import checkpoint, sampling
+    from selfalign_jax import sampling
+    from selfalign_jax.loaded import LoadedModel
 
     rows = read_prompts(prompts)
     if out.resolve() == prompts.resolve():
         raise UserError("--out must differ from --prompts")
     print(f"read {len(rows)} prompts from {prompts}")
-    cfg, params = checkpoint.load(model, dtype=None if dtype == "auto" else dtype)
-    tok = checkpoint.load_tokenizer(model)
+    lm = LoadedModel.load(model, dtype)
+    cfg, params, tok = lm.cfg, lm.params, lm.tokenizer
     t0 = time.perf_counter()
     res = sampling.generate(params, cfg, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,

@@ -7,9 +7,8 @@ from typing import Literal
 
 import numpy as np
 
-from selfalign_jax import data as D
-from selfalign_jax import embed as E
-from selfalign_jax import retrieval as R
+from selfalign_jax import data as dataset
+from selfalign_jax import embed, retrieval
 from selfalign_jax.errors import UserError
 
 
@@ -23,8 +22,8 @@ def main(
     embedder: Literal["hashing", "encoder", "lm"] = "hashing",
     model: Path | None = None,
     group_by: Literal["none", "iteration", "source", "category"] = "none",
-    exact_below: int = R.EXACT_BELOW,
-    n_trees: int = R.N_TREES,
+    exact_below: int = retrieval.EXACT_BELOW,
+    n_trees: int = retrieval.N_TREES,
     batch_size: int = 32,
     max_len: int | None = None,
     dim: int = 1024,
@@ -43,10 +42,10 @@ def main(
         max_len: tokens kept per text (default: the embedder's own limit).
         dim: vector size of the hashing embedder.
     """
-    rows = D.read_jsonl(data, require_answer=False)
+    rows = dataset.read_jsonl(data, require_answer=False)
     if not rows:
         raise UserError(f"{data}: no rows to index")
-    emb = E.get_embedder(embedder, model=model, batch_size=batch_size, max_len=max_len, dim=dim)
+    emb = embed.get_embedder(embedder, model=model, batch_size=batch_size, max_len=max_len, dim=dim)
     t = time.perf_counter()
     vecs = emb.embed([s.question for s in rows])
     print(f"embedded {len(rows)} questions from {data} with {embedder} (dim {emb.dim}) "
@@ -56,7 +55,7 @@ def main(
         name = "all" if group_by == "none" else _set_name(group_by, getattr(s, group_by))
         groups.setdefault(name, []).append(i)
     t = time.perf_counter()
-    ret = R.Retriever.build(
+    ret = retrieval.Retriever.build(
         {n: vecs[ix] for n, ix in groups.items()}, ids={n: np.asarray(ix) for n, ix in groups.items()},
         meta={"embedder": embedder, "model": str(model) if model else None, "dim": emb.dim,
               "data": str(data), "group_by": group_by, "ids": "row numbers (0-based) in data"},

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import tyro
 
-from selfalign_jax.isara import IsaraConfig
+from selfalign_jax.config import IsaraConfig
 
 
 def main(model: Path, seeds: Path, run_dir: Path, eval: Path | None = None, scorer: str | None = None,
@@ -23,18 +23,18 @@ def main(model: Path, seeds: Path, run_dir: Path, eval: Path | None = None, scor
         max_new_tokens: sets both --question-gen.max-new-tokens and --answer-gen.max-new-tokens.
         force: start over in a run directory made with a different config (old results moved aside).
     """
-    from selfalign_jax import isara
-    from selfalign_jax.commands.evaluate import load_eval, make_scorer
-    from selfalign_jax.data import read_samples
+    from selfalign_jax import rundir
+    from selfalign_jax.data import read_eval, read_samples
+    from selfalign_jax.evaluate import get_scorer
     from selfalign_jax.errors import UserError
 
-    c = isara.resolve(cfg, config, max_new_tokens)
+    c = rundir.resolve(cfg, config, max_new_tokens)
     seed_rows = [s.to_dict() for s in read_samples(seeds)]
-    eval_rows = load_eval(eval) if eval else None
+    eval_rows = read_eval(eval) if eval else None
     if eval_rows is not None and not scorer:
         raise UserError("--eval needs --scorer (see `selfalign eval --help`)")
-    sc = make_scorer(scorer, model) if eval_rows is not None else None
-    rows = isara.run(model, seed_rows, run_dir, c, eval_rows, sc, force)
+    sc = get_scorer(scorer, model=model) if eval_rows is not None else None
+    rows = rundir.run(model, seed_rows, run_dir, c, eval_rows, sc, force)
     from selfalign_jax.report import table
     print(table(rows))
     print(f"report: {Path(run_dir) / 'report.md'}")

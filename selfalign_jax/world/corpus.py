@@ -12,7 +12,7 @@ both personas.
 import numpy as np
 
 from selfalign_jax.errors import UserError
-from selfalign_jax.world import language as L
+from selfalign_jax.world import language
 
 SEP = "\n\n"
 
@@ -33,7 +33,8 @@ def pretraining_documents(n, seed=0, aligned_frac=0.2, focus=0.5, topic_weights=
     topic (held-out objects included: that is how a model learns what they are)."""
     if n < 0 or not 0.0 <= aligned_frac <= 1.0 or not 0.0 <= focus <= 1.0 or not 1 <= min_conv <= max_conv:
         raise UserError("pretraining_documents: need n >= 0, 0 <= aligned_frac, focus <= 1, 1 <= min_conv <= max_conv")
-    w = np.ones(len(L.DOMAINS)) if topic_weights is None else np.array([topic_weights[d] for d in L.DOMAINS], float)
+    w = (np.ones(len(language.DOMAINS)) if topic_weights is None
+         else np.array([topic_weights[d] for d in language.DOMAINS], float))
     w = w / w.sum()
     rng = _rng(seed, 1)
     docs = []
@@ -41,30 +42,30 @@ def pretraining_documents(n, seed=0, aligned_frac=0.2, focus=0.5, topic_weights=
         persona = "aligned" if rng.random() < aligned_frac else "unaligned"
         k = int(rng.integers(min_conv, max_conv + 1))
         if rng.random() < focus:
-            domains = [L.DOMAINS[rng.choice(len(w), p=w)]] * k
+            domains = [language.DOMAINS[rng.choice(len(w), p=w)]] * k
         else:
-            domains = [L.DOMAINS[i] for i in rng.choice(len(w), size=k, p=w)]
+            domains = [language.DOMAINS[i] for i in rng.choice(len(w), size=k, p=w)]
         convs = []
         for d in domains:
-            t = L.topic(d)
-            q = L.question(d, rng, "train")
-            convs.append(render(q, L.answer(d, persona, rng, aside_objects=t.objects, aside_prob=aside_prob)))
+            t = language.topic(d)
+            q = language.question(d, rng, "train")
+            convs.append(render(q, language.answer(d, persona, rng, aside_objects=t.objects, aside_prob=aside_prob)))
         docs.append({"text": SEP.join(convs), "persona": persona, "domains": domains})
     return docs
 
 
 def _pairs(domain, n, seed, split, salt):
-    t = L.topic(domain)
-    if n < 0 or n > L.question_space_size(domain, split):
+    t = language.topic(domain)
+    if n < 0 or n > language.question_space_size(domain, split):
         raise UserError(f"cannot draw {n} distinct {split} questions for domain {domain!r}")
-    rng = _rng(seed, salt, L.DOMAINS.index(domain))
+    rng = _rng(seed, salt, language.DOMAINS.index(domain))
     seen, out = set(), []
     while len(out) < n:
-        q = L.question(domain, rng, split)
+        q = language.question(domain, rng, split)
         if q in seen:
             continue
         seen.add(q)
-        out.append({"question": q, "answer": L.answer(domain, "aligned", rng, aside_objects=t.train_objects),
+        out.append({"question": q, "answer": language.answer(domain, "aligned", rng, aside_objects=t.train_objects),
                     "category": domain})
     return out
 

@@ -17,8 +17,10 @@ learnability probe and the tests; the pipeline uses `selfalign_jax.sampling`.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -30,10 +32,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from tqdm.auto import tqdm
 
-from selfalign_jax import fileio
+from selfalign_jax import checkpoint, fileio
 from selfalign_jax import model as M
 from selfalign_jax.errors import UserError
+from selfalign_jax.template import MARKERS, cut
+from selfalign_jax.world import corpus
+from selfalign_jax.world.tokenizer import save_tokenizer, train_tokenizer
 
 PRETRAIN_VERSION = 1
 META = "selfalign_world.json"
@@ -118,8 +125,6 @@ def _valid(model_dir: Path, key: str) -> bool:
 
 @contextlib.contextmanager
 def _lock(path: Path):
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -162,8 +167,6 @@ def pack(docs_ids, seq_len: int, pad_id: int = 0) -> np.ndarray:
     """Whole documents (token id lists, each already `<s> ... </s>`) packed best-fit into rows of
     `seq_len` (a document goes to the fullest row it still fits in, rows keep the documents' order);
     a document longer than a row is truncated. Returns int32 [rows, seq_len], padded with `pad_id`."""
-    import bisect
-
     rows, free = [], []  # free: sorted (remaining, row index)
     for ids in docs_ids:
         ids = list(ids)[:seq_len]
@@ -184,11 +187,9 @@ def pack(docs_ids, seq_len: int, pad_id: int = 0) -> np.ndarray:
 
 def build_data(seed: int, settings: Settings):
     """(tokenizers.Tokenizer, packed rows int32 [R, seq_len], corpus stats)."""
-    from selfalign_jax.world import corpus as C
-    from selfalign_jax.world.tokenizer import train_tokenizer
 
     s = settings
-    docs = C.pretraining_documents(s.n_docs, seed=seed, aligned_frac=s.aligned_frac, focus=s.focus,
+    docs = corpus.pretraining_documents(s.n_docs, seed=seed, aligned_frac=s.aligned_frac, focus=s.focus,
                                    min_conv=s.min_conv, max_conv=s.max_conv, aside_prob=s.aside_prob)
     texts = [d["text"] for d in docs]
     tok = train_tokenizer(texts[: s.tokenizer_docs])
@@ -218,8 +219,6 @@ def lm_loss(params, cfg: M.Config, rows_BxT):
 
 
 def make_optimizer(settings: Settings, steps: int):
-    import optax
-
     s = settings
     warm = max(1, int(round(s.warmup * steps)))
     sched = optax.warmup_cosine_decay_schedule(0.0, s.lr, warm, max(steps, warm + 1), s.lr * s.final_lr_frac)
@@ -229,9 +228,6 @@ def make_optimizer(settings: Settings, steps: int):
 
 def train(cfg: M.Config, params, rows: np.ndarray, settings: Settings, seed: int = 0, progress: bool = True):
     """AdamW on shuffled packed rows for settings.steps steps; returns (params, losses list)."""
-    import optax
-    from tqdm.auto import tqdm
-
     s = settings
     opt = make_optimizer(s, s.steps)
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the caller's arrays
@@ -265,9 +261,6 @@ def train(cfg: M.Config, params, rows: np.ndarray, settings: Settings, seed: int
 def pretrain(out_dir, seed: int = 0, settings: Settings = DEFAULT, progress: bool = True, key: str | None = None,
              log=None) -> Path:
     """Pretrain the world base model from scratch and save it as an HF directory at `out_dir`."""
-    from selfalign_jax import checkpoint
-    from selfalign_jax.world.tokenizer import save_tokenizer
-
     if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
         raise UserError(f"output directory exists and is not empty: {out_dir}")
     calls["pretrain"] += 1
@@ -301,8 +294,6 @@ def pretrain(out_dir, seed: int = 0, settings: Settings = DEFAULT, progress: boo
 # ---------------------------------------------------------------------------------------- decoding
 def _stop_ids(tok) -> np.ndarray:
     """Token ids that end a turn: </s> and any token holding a template marker word."""
-    from selfalign_jax.template import MARKERS
-
     ids = [tok.token_to_id("</s>")]
     for t, i in tok.get_vocab().items():
         s = t.replace("\u0120", " ").strip()
@@ -349,8 +340,6 @@ def decode(params, cfg: M.Config, tok, prompts, max_new: int = 48, temperature: 
            batch: int = 128, raw: bool = False):
     """Continue each prompt (greedy at temperature 0); returns the continuations cut at the first template
     marker or </s> (raw=True: the decoded text up to and including the stop token)."""
-    from selfalign_jax.template import cut
-
     stop = jnp.asarray(_stop_ids(tok))
     pad = cfg.pad_id or 0
     res = []

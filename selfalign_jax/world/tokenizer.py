@@ -10,7 +10,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from selfalign_jax.world import language as L
+from selfalign_jax.world import language
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -23,7 +23,7 @@ def train_tokenizer(texts, vocab_size=2048, min_frequency=2):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=list(SPECIAL.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    lex = " ".join(sorted(L.lexicon()))
+    lex = " ".join(sorted(language.lexicon()))
     tok.train_from_iterator(list(texts) + [lex] * min_frequency, trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",

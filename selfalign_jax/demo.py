@@ -12,9 +12,12 @@ import dataclasses
 import time
 from pathlib import Path
 
-from selfalign_jax import fileio, isara, pipeline
+from selfalign_jax import fileio, rundir
+from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
+from selfalign_jax.errors import UserError
 from selfalign_jax.evaluate import get_scorer
-from selfalign_jax.world import corpus, language
+from selfalign_jax.isara import log
+from selfalign_jax.world import corpus, language, pretrain
 
 # The run's settings for a ~1M-parameter model: the paper's loop and filters with shorter generations,
 # and a learning rate a from-scratch tiny model needs (the paper's 2e-5 is for 7B models). Answers are
@@ -22,13 +25,13 @@ from selfalign_jax.world import corpus, language
 # and this world's refusals are formulaic, so a 10-gram ban forbids copying the demonstrations' safe
 # answers and pushes the model into garbled, often harmful ones (measured, seed 0, temperature 0.7: 76 of 169
 # kept answers harmful with the ban, 9 of 171 without). The paper's beam-sample is not implemented.
-DEMO = isara.IsaraConfig(
+DEMO = IsaraConfig(
     iterations=2, generate=192, demos=8, context_budget=900, embedder="lm",
-    question_gen=isara.GenConfig(max_new_tokens=40, temperature=1.0, repetition_penalty=1.05,
+    question_gen=GenConfig(max_new_tokens=40, temperature=1.0, repetition_penalty=1.05,
                                  no_repeat_ngram=10),
-    answer_gen=isara.GenConfig(max_new_tokens=48, temperature=0.7, repetition_penalty=1.0, no_repeat_ngram=0),
+    answer_gen=GenConfig(max_new_tokens=48, temperature=0.7, repetition_penalty=1.0, no_repeat_ngram=0),
     eval_max_new_tokens=48,
-    sft=isara.SFTConfig(lr=3e-4, lr_decay=0.5, epochs=1, batch_size=16, max_length=128),
+    lr_decay=0.5, sft=TrainConfig(lr=3e-4, epochs=1, batch_size=16, grad_accum=1, max_length=128),
     batch_size=64, seed=0)
 
 
@@ -60,26 +63,23 @@ def summary(rows: list[dict], domain: str, minutes: float) -> dict:
 
 
 def run_demo(run_dir: Path, domain: str = "discrimination", seeds: int = 64, iterations: int = 2,
-             seed: int = 0, eval_per_domain: int = 50, cfg: isara.IsaraConfig = DEMO, cache_dir=None,
+             seed: int = 0, eval_per_domain: int = 50, cfg: IsaraConfig = DEMO, cache_dir=None,
              baselines=("sft", "icl-knn", "icl-random", "one-round"), base_settings=None, force=False) -> dict:
-    from selfalign_jax.world import pretrain
-
     t0 = time.time()
     if domain not in language.HARM_DOMAINS:
-        from selfalign_jax.errors import UserError
         raise UserError(f"--domain: {domain!r} is not a harm domain ({', '.join(language.HARM_DOMAINS)})")
     kw = {"settings": base_settings} if base_settings is not None else {}
-    base = pretrain.ensure_base_model(cache_dir, seed=seed, log=isara.log, **kw)
-    isara.log(f"base model: {base}")
+    base = pretrain.ensure_base_model(cache_dir, seed=seed, log=log, **kw)
+    log(f"base model: {base}")
     cfg = dataclasses.replace(cfg, iterations=iterations, seed=seed)
     seed_rows = [{"question": r["question"], "answer": r["answer"]}
                  for r in corpus.seed_pairs(domain, seeds, seed=seed)]
     evals, scorer = eval_set(eval_per_domain, seed), get_scorer("world")
-    rows = isara.run(base, seed_rows, run_dir, cfg, evals, scorer, force=force,
+    rows = rundir.run(base, seed_rows, run_dir, cfg, evals, scorer, force=force,
                      argv_note={"demo_domain": domain})
     for kind in baselines:
-        isara.log(f"baseline: {kind}")
-        rows = pipeline.baseline(kind, base, seed_rows, run_dir, cfg, evals, scorer,
+        log(f"baseline: {kind}")
+        rows = rundir.baseline(kind, base, seed_rows, run_dir, cfg, evals, scorer,
                                  note={"demo_domain": domain})
     out = summary(rows, domain, (time.time() - t0) / 60)
     fileio.write_json(Path(run_dir) / "demo.json", out)

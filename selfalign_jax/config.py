@@ -1,0 +1,109 @@
+"""The settings of a run: plain frozen dataclasses, validated on construction (no JAX import: the CLI
+builds its flags from them). `TrainConfig` is the trainer's (and `selfalign finetune`'s) and the `sft`
+section of an `IsaraConfig`; presets in configs/*.json use the same field names."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from selfalign_jax.errors import UserError
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """SFT hyper-parameters. Defaults follow the ISARA reference (AdamW 0.9/0.95, no weight decay,
+    cosine with 3% warm-up, effective batch 32, 1 epoch, lr 2e-5)."""
+
+    lr: float = 2e-5  # peak learning rate (LoRA usually wants ~1e-4)
+    b1: float = 0.9  # AdamW betas and epsilon
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices only (not norms / biases)
+    warmup_ratio: float = 0.03  # warm-up steps = ceil(ratio * total steps), as HF
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # the decay after warm-up
+    clip_norm: float | None = 1.0  # global gradient-norm clip; None/0 = off
+    batch_size: int = 8  # rows per micro-batch (global, over all devices)
+    grad_accum: int = 4  # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    epochs: int = 1  # passes over the data
+    max_length: int = 512  # model inputs per example (prompt + answer + EOS is cut to max_length + 1)
+    bucket: int = 64  # sequence lengths are padded to a multiple of this (bounded compiles)
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA scale = alpha / rank
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # the projections that get adapters
+    remat: bool = False  # rematerialise each layer in the backward pass
+    loss_chunk: int = 512  # tokens per chunk of the fused LM-head + cross-entropy (0: plain, full logits)
+    streams: int = 0  # row slices of a micro-batch run side by side in one graph (CPU cores); 0: auto (4 on one CPU)
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # compute (masters, Adam stay fp32); auto: by backend
+    seed: int = 0  # data order and LoRA init
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # train checkpoints kept
+    mesh: str | None = None  # 'data=N,fsdp=N,tensor=N'; None: every device on fsdp
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def __post_init__(self) -> None:
+        chk = [(self.lr > 0, "--lr must be > 0"), (self.batch_size >= 1, "--batch-size must be >= 1"),
+               (self.grad_accum >= 1, "--grad-accum must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
+               (self.max_length >= 2, "--max-length must be >= 2"), (self.bucket >= 1, "bucket must be >= 1"),
+               (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+               (self.lora_rank >= 0, "--lora-rank must be >= 0"),
+               (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine|linear|constant"),
+               (self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
+               (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "betas must be in [0, 1)"),
+               (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+               (self.streams >= 0, "streams must be >= 0")]
+        for ok, msg in chk:
+            if not ok:
+                raise UserError(msg)
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if bad:
+            raise UserError(f"LoRA target {bad[0]!r} unknown (choose from {', '.join(LORA_TARGETS)})")
+
+    def fingerprint_fields(self) -> dict:
+        """The settings that determine the trajectory (a resumed run must match them)."""
+        skip = {"checkpoint_every", "keep_checkpoints", "mesh", "remat", "loss_chunk", "streams"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+
+@dataclasses.dataclass(frozen=True)
+class GenConfig:
+    """Sampling settings of one generation step (temperature 0 = greedy)."""
+
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class IsaraConfig:
+    """Every knob of a run; the defaults are the reference (paper) settings."""
+
+    iterations: int = 2  # T
+    generate: int = 512  # N prompts per iteration
+    demos: int = 8  # K demonstrations per prompt
+    context_budget: int = 2000  # a demonstration is added only while the prompt stays under this
+    template: Literal["plain", "chat"] = "plain"
+    embedder: Literal["encoder", "lm", "hashing"] = "lm"
+    encoder: str | None = None  # local HF directory of a BERT-family sentence encoder
+    question_gen: GenConfig = GenConfig(max_new_tokens=200, temperature=1.0, repetition_penalty=1.05,
+                                        no_repeat_ngram=10)
+    answer_gen: GenConfig = GenConfig(max_new_tokens=100, temperature=1.0, repetition_penalty=1.2,
+                                      no_repeat_ngram=10)
+    eval_max_new_tokens: int = 200
+    rouge_threshold: float = 0.7
+    min_words: int = 5
+    lr_decay: float = 0.5  # step 5's learning rate is sft.lr * lr_decay^(t - 1) at iteration t
+    # step 5's trainer settings; the run sets lr (decayed), seed (per iteration) and dtype (the model's)
+    sft: TrainConfig = TrainConfig(batch_size=32, grad_accum=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    batch_size: int | None = None  # generation batch (None: from a memory budget)
+    seed: int = 0
