@@ -28,10 +28,21 @@ FAMILY_KW = {
     "mistral": dict(num_key_value_heads=2, sliding_window=4),
     "qwen2": dict(num_key_value_heads=2),
     "gemma": dict(num_key_value_heads=1, head_dim=32),
+    # head_dim 24 != hidden / heads = 16
+    "qwen3": dict(num_key_value_heads=2, head_dim=24),
+    # soft-caps small enough to bite; query_pre_attn_scalar != head_dim; layer 0 sliding (window 4), 1 global
+    "gemma2": dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=20, sliding_window=4,
+                   attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
+    # sliding layers RoPE base 100, global layers 1e6 with linear scaling 8
+    "gemma3": dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=20, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
     "opt": dict(do_layer_norm_before=True),
     "opt350m": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
 }
 ALL = tuple(FAMILY_KW)
+BASE = {"llama3": "llama", "llama_linear_tied": "llama", "opt350m": "opt"}
 
 
 def make_tokenizer(path: Path):
@@ -52,7 +63,7 @@ def make_tokenizer(path: Path):
 def hf_config(family: str, **over):
     import transformers
 
-    base = family.removesuffix("3").split("_")[0].replace("opt350m", "opt")
+    base = BASE.get(family, family)
     kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if base == "opt":
@@ -62,7 +73,8 @@ def hf_config(family: str, **over):
     kw.update(FAMILY_KW[family])
     kw.update(over)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "gemma": transformers.GemmaConfig,
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "gemma": transformers.GemmaConfig,
+           "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
            "opt": transformers.OPTConfig}[base]
     c = cls(**kw)
     c._attn_implementation = "eager"
