@@ -32,7 +32,12 @@ PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "tf
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
-DEFAULT_TIED = {"llama": False, "mistral": False, "qwen2": False, "gemma": True, "opt": True}
+DEFAULT_TIED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma": True, "gemma2": True,
+                "gemma3_text": True, "opt": True}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM", "opt": "OPTForCausalLM"}
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -88,15 +93,24 @@ def config_from_hf(raw: dict, dtype: str = "float32", extra_eos=()) -> M.Config:
                         final_norm=bool(c.do_layer_norm_before) and not g("_remove_final_layer_norm", False),
                         embed_dim=E if E != c.hidden_size else None, pos_offset=2)
     rp = dict(g("rope_parameters", None) or {})
+    local = {}
+    if "full_attention" in rp:  # gemma3: RoPE per layer type
+        local = dict(rp.get("sliding_attention") or {})
+        rp = dict(rp["full_attention"] or {})
     rs = raw.get("rope_scaling") or {}
     theta = rp.get("rope_theta", raw.get("rope_theta", 10000.0))
     rtype = rp.get("rope_type", rp.get("type", rs.get("rope_type", rs.get("type", "default"))))
     if rtype not in ("default", "linear", "llama3"):
         raise UserError(f"config.json: unsupported rope type {rtype!r} (supported: default, linear, llama3)")
     rp = {**rs, **rp}
+    local_type = local.get("rope_type", "default")
+    if local_type not in ("default", "linear"):
+        raise UserError(f"config.json: unsupported sliding-layer rope type {local_type!r} (supported: default, linear)")
+    if g("use_bidirectional_attention", False):
+        raise UserError("config.json: use_bidirectional_attention=true (an encoder) is not supported")
     heads = c.num_attention_heads
     hd = g("head_dim", c.hidden_size // heads)
-    win = g("sliding_window") if fam in ("mistral", "qwen2") else None
+    win = g("sliding_window") if fam in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text") else None
     lt = g("layer_types")
     if win is not None and lt:
         windows = tuple(win if t == "sliding_attention" else None for t in lt)
@@ -105,15 +119,28 @@ def config_from_hf(raw: dict, dtype: str = "float32", extra_eos=()) -> M.Config:
     else:
         windows = ()
     attn_bias = bool(g("attention_bias", False))
+    gemma23 = fam in ("gemma2", "gemma3_text")
+    act = (g("hidden_activation") or g("hidden_act", "gelu_pytorch_tanh")) if gemma23 else g("hidden_act", "silu")
     return M.Config(**common, n_kv_heads=g("num_key_value_heads", heads), head_dim=hd,
-                    intermediate=c.intermediate_size, norm="rms1p" if fam == "gemma" else "rms",
-                    norm_eps=g("rms_norm_eps", 1e-6), act=_act_name(g("hidden_act", "silu")),
+                    intermediate=c.intermediate_size, norm="rms1p" if fam in GEMMAS else "rms",
+                    norm_eps=g("rms_norm_eps", 1e-6), act=_act_name(act),
                     rope_theta=float(theta), rope_type=rtype, rope_factor=float(rp.get("factor", 1.0)),
                     rope_low_freq_factor=float(rp.get("low_freq_factor", 1.0)),
                     rope_high_freq_factor=float(rp.get("high_freq_factor", 4.0)),
                     rope_original_max_pos=int(rp.get("original_max_position_embeddings", 8192)),
                     qkv_bias=attn_bias or fam == "qwen2", o_bias=attn_bias,
-                    mlp_bias=bool(g("mlp_bias", False)), windows=windows, emb_scale=fam == "gemma")
+                    mlp_bias=bool(g("mlp_bias", False)), windows=windows, emb_scale=fam in GEMMAS,
+                    local_rope_theta=float(local["rope_theta"]) if "rope_theta" in local else None,
+                    local_rope_type=local_type, local_rope_factor=float(local.get("factor", 1.0)),
+                    qk_norm=fam in ("qwen3", "gemma3_text"), sandwich_norm=gemma23,
+                    query_pre_attn_scalar=float(c.query_pre_attn_scalar) if gemma23 else None,
+                    # transformers' Gemma3 attention takes no softcap argument: it ignores the setting
+                    attn_softcap=_opt_float(g("attn_logit_softcapping")) if fam == "gemma2" else None,
+                    final_softcap=_opt_float(g("final_logit_softcapping")) if gemma23 else None)
+
+
+def _opt_float(x):
+    return None if x is None else float(x)
 
 
 def _act_name(a: str) -> str:
@@ -131,9 +158,7 @@ def config_to_hf(cfg: M.Config) -> dict:
              max_position_embeddings=cfg.max_pos, tie_word_embeddings=cfg.tied,
              bos_token_id=cfg.bos_id, pad_token_id=cfg.pad_id,
              eos_token_id=(cfg.eos_ids[0] if len(cfg.eos_ids) == 1 else list(cfg.eos_ids) or None))
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "gemma": "GemmaForCausalLM", "opt": "OPTForCausalLM"}[cfg.family]
-    d["architectures"] = [arch]
+    d["architectures"] = [ARCHITECTURES[cfg.family]]
     act = {"silu": "silu", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.act]
     if cfg.family == "opt":
         d.update(ffn_dim=cfg.intermediate, do_layer_norm_before=cfg.pre_norm,
@@ -151,18 +176,33 @@ def config_to_hf(cfg: M.Config) -> dict:
     d.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
              intermediate_size=cfg.intermediate, rms_norm_eps=cfg.norm_eps, hidden_act=act,
              rope_parameters=rope, rope_theta=cfg.rope_theta)
-    if cfg.family in ("llama", "mistral", "qwen2"):
+    if cfg.family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"):
         d["attention_bias"] = cfg.o_bias
     if cfg.family == "llama":
         d["mlp_bias"] = cfg.mlp_bias
-    if cfg.family in ("mistral", "qwen2"):
+    layer_types = ["sliding_attention" if w else "full_attention" for w in (cfg.windows or (None,) * cfg.n_layers)]
+    if cfg.family in ("gemma2", "gemma3_text"):
+        wins = [w for w in cfg.windows if w is not None]
+        qs = cfg.query_pre_attn_scalar
+        d.update(hidden_activation=act, query_pre_attn_scalar=int(qs) if float(qs).is_integer() else qs,
+                 final_logit_softcapping=cfg.final_softcap, sliding_window=wins[0] if wins else None,
+                 layer_types=layer_types)
+        if cfg.family == "gemma2":
+            d["attn_logit_softcapping"] = cfg.attn_softcap
+        else:
+            local = {"rope_type": cfg.local_rope_type,
+                     "rope_theta": cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta}
+            if cfg.local_rope_type == "linear":
+                local["factor"] = cfg.local_rope_factor
+            d["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+            d.pop("rope_theta")
+    if cfg.family in ("mistral", "qwen2", "qwen3"):
         wins = [w for w in cfg.windows if w is not None]
         d["sliding_window"] = wins[0] if wins else None
-        if cfg.family == "qwen2":
+        if cfg.family in ("qwen2", "qwen3"):
             d["use_sliding_window"] = bool(wins)
             d["max_window_layers"] = next((i for i, w in enumerate(cfg.windows) if w), cfg.n_layers)
-            d["layer_types"] = ["sliding_attention" if w else "full_attention"
-                                for w in (cfg.windows or (None,) * cfg.n_layers)]
+            d["layer_types"] = layer_types
     return d
 
 
@@ -189,6 +229,10 @@ def hf_names(cfg: M.Config) -> M.Params:
                     o_b="self_attn.o_proj.bias", mlp_norm="post_attention_layernorm.weight",
                     gate="mlp.gate_proj.weight", up="mlp.up_proj.weight", down="mlp.down_proj.weight",
                     up_b="mlp.up_proj.bias", down_b="mlp.down_proj.bias")
+        lmap.update(q_norm="self_attn.q_norm.weight", k_norm="self_attn.k_norm.weight")
+        if cfg.sandwich_norm:  # gemma2/3: post_attention_layernorm is the norm on the attention output
+            lmap.update(post_attn_norm="post_attention_layernorm.weight", mlp_norm="pre_feedforward_layernorm.weight",
+                        post_mlp_norm="post_feedforward_layernorm.weight")
         top = dict(embed="embed_tokens.weight", final_norm="norm.weight")
     layers = []
     for i, ls in enumerate(specs.layers):

@@ -25,7 +25,8 @@ def token_nll(params: M.Params, cfg: M.Config, batch: dict, remat: bool = False,
     w = batch["weights"]
     if fused:
         w_VxE = params.embed if params.lm_head is None else params.lm_head
-        return fused_xent(h, w_VxE.astype(h.dtype), batch["targets"], w, chunk_tokens), jnp.sum(w)
+        nll = fused_xent(h, w_VxE.astype(h.dtype), batch["targets"], w, chunk_tokens, cfg.final_softcap)
+        return nll, jnp.sum(w)
     lg = M.logits(params, cfg, h)  # fp32 [b, T, V]
     lse = jax.nn.logsumexp(lg, axis=-1)
     tgt = jnp.take_along_axis(lg, batch["targets"][..., None], axis=-1)[..., 0]
@@ -40,7 +41,7 @@ def _divisor(n: int, at_most: int) -> int:
     return d
 
 
-def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
+def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int, softcap: float | None = None):
     """sum(weights * nll) and its gradients w.r.t. h and w, a chunk of positions at a time: logits
     [b*c, V] (fp32) exist for one chunk only; the gradient of the logits, (softmax - onehot) * w,
     is formed right away and multiplied into dh and dW (the loss is the step's only output, so the
@@ -50,7 +51,7 @@ def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
     front (a stable sort along the row), and the loop stops after the longest row's count, in
     chunks of c positions and then a tail of c/8-position chunks. Prompt and padding positions
     cost no LM-head matmul (dh there is 0, as is their true gradient). The sort and the chunks
-    run along the sequence, so the batch sharding stays."""
+    run along the sequence, so the batch sharding stays. softcap: logits cap * tanh(logits / cap) (gemma2)."""
     B, T, E = h_BxTxE.shape
     V = w_VxE.shape[0]
     c = _divisor(T, chunk_tokens // max(B, 1))
@@ -70,6 +71,9 @@ def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
         t = jax.lax.dynamic_slice_in_dim(t_s, start, n, axis=1).reshape(B * n)
         w = jax.lax.dynamic_slice_in_dim(w_s, start, n, axis=1).reshape(B * n)
         lg = jnp.einsum("ne,ev->nv", h, w_ExV, preferred_element_type=jnp.float32)
+        if softcap is not None:
+            th = jnp.tanh(lg / softcap)
+            lg = softcap * th
         m = jax.lax.stop_gradient(lg.max(-1, keepdims=True))
         e = jnp.exp(lg - m)
         s = e.sum(-1, keepdims=True)
@@ -77,7 +81,10 @@ def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
         hit = jax.lax.broadcasted_iota(jnp.int32, lg.shape, 1) == t[:, None]
         tgt = jnp.sum(jnp.where(hit, lg, 0.0), -1)
         loss = loss + jnp.sum(w * (lse - tgt))
-        dlg = ((e / s - hit.astype(jnp.float32)) * w[:, None]).astype(h.dtype)
+        dlg = (e / s - hit.astype(jnp.float32)) * w[:, None]
+        if softcap is not None:
+            dlg = dlg * (1.0 - th * th)
+        dlg = dlg.astype(h.dtype)
         dh = jnp.einsum("nv,ev->ne", dlg, w_ExV, preferred_element_type=jnp.float32)
         dh_s = jax.lax.dynamic_update_slice_in_dim(dh_s, dh.reshape(B, n, E), start, axis=1)
         dWt = dWt + jnp.einsum("nv,ne->ev", dlg, h, preferred_element_type=jnp.float32)
@@ -91,17 +98,17 @@ def _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int):
     return loss, dh, dWt.T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens):
-    return _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens, softcap):
+    return _xent_chunks(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens, softcap)[0]
 
 
-def _fused_fwd(h, w, t, wt, chunk_tokens):
-    loss, dh, dW = _xent_chunks(h, w, t, wt, chunk_tokens)
+def _fused_fwd(h, w, t, wt, chunk_tokens, softcap):
+    loss, dh, dW = _xent_chunks(h, w, t, wt, chunk_tokens, softcap)
     return loss, (dh.astype(h.dtype), dW.astype(w.dtype))
 
 
-def _fused_bwd(chunk_tokens, res, g):
+def _fused_bwd(chunk_tokens, softcap, res, g):
     dh, dW = res
     return g.astype(dh.dtype) * dh, g.astype(dW.dtype) * dW, None, None
 
@@ -109,7 +116,8 @@ def _fused_bwd(chunk_tokens, res, g):
 _fused_xent.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int = 512):
-    """sum over positions of weights * -log softmax(h @ w.T)[target], differentiable in h and w,
-    without materialising the [B, T, V] logits (LM head and cross-entropy fused, chunked)."""
-    return _fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens)
+def fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens: int = 512, softcap: float | None = None):
+    """sum over positions of weights * -log softmax(h @ w.T)[target] (logits soft-capped when
+    softcap), differentiable in h and w, without materialising the [B, T, V] logits (LM head and
+    cross-entropy fused, chunked)."""
+    return _fused_xent(h_BxTxE, w_VxE, targets_BxT, weights_BxT, chunk_tokens, softcap)

@@ -1,4 +1,5 @@
-"""One functional decoder for Hugging Face llama / mistral / qwen2 / gemma / opt checkpoints.
+"""One functional decoder for Hugging Face llama / mistral / qwen2 / qwen3 / gemma / gemma2 / gemma3_text / opt
+checkpoints.
 
 Parameters are a pytree of registered dataclasses holding the HF tensors as they are stored
 (`[out, in]` linear weights, one `Layer` per decoder layer), so loading and exporting move no data.
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "opt")
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -49,11 +50,19 @@ class Config:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_pos: int = 8192
+    local_rope_theta: float | None = None  # gemma3: RoPE base of the sliding-window layers (None: as global)
+    local_rope_type: str = "default"  # default | linear
+    local_rope_factor: float = 1.0
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     windows: tuple[int | None, ...] = ()  # per layer sliding window (None: full attention)
     emb_scale: bool = False  # gemma: embeddings * sqrt(D)
+    qk_norm: bool = False  # qwen3 / gemma3: a norm (cfg.norm) over each head's q and k, before RoPE
+    sandwich_norm: bool = False  # gemma2 / gemma3: norms on the attention and MLP outputs too
+    query_pre_attn_scalar: float | None = None  # gemma2 / gemma3: scores scaled by this ** -0.5 (else H ** -0.5)
+    attn_softcap: float | None = None  # gemma2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # gemma2: logits -> cap * tanh(logits / cap)
     tied: bool = False
     pre_norm: bool = True  # opt do_layer_norm_before
     final_norm: bool = True
@@ -74,6 +83,10 @@ class Config:
 
     def window(self, i: int) -> int | None:
         return self.windows[i] if self.windows else None
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 # ------------------------------------------------------------------------------------- parameters
@@ -96,6 +109,9 @@ def _pytree(cls):
 class Layer:
     attn_norm: Any
     attn_norm_b: Any
+    q_norm: Any  # [H] (qk_norm)
+    k_norm: Any  # [H] (qk_norm)
+    post_attn_norm: Any  # [D] (sandwich_norm)
     q: Any  # [N*H, D]
     k: Any  # [K*H, D]
     v: Any  # [K*H, D]
@@ -111,6 +127,7 @@ class Layer:
     down: Any  # [D, F] (opt fc2)
     up_b: Any
     down_b: Any
+    post_mlp_norm: Any  # [D] (sandwich_norm)
 
 
 @_pytree
@@ -139,12 +156,17 @@ def param_specs(cfg: Config) -> Params:
     def bias(n, axis, on):
         return Spec((n,), (axis,), "zeros") if on else None
 
+    def opt_norm(n, on, axis):
+        return Spec((n,), (axis,), one) if on else None
+
     layers = []
     for _ in range(cfg.n_layers):
         an, anb = norm()
         mn, mnb = norm()
         layers.append(Layer(
             attn_norm=an, attn_norm_b=anb,
+            q_norm=opt_norm(H, cfg.qk_norm, None), k_norm=opt_norm(H, cfg.qk_norm, None),
+            post_attn_norm=opt_norm(D, cfg.sandwich_norm, "embed"),
             q=Spec((NH, D), ("q_heads", "embed")),
             k=Spec((KH, D), ("kv_heads", "embed")),
             v=Spec((KH, D), ("kv_heads", "embed")),
@@ -156,6 +178,7 @@ def param_specs(cfg: Config) -> Params:
             up=Spec((F, D), ("mlp", "embed")),
             down=Spec((D, F), ("embed", "mlp")),
             up_b=bias(F, "mlp", cfg.mlp_bias), down_b=bias(D, "embed", cfg.mlp_bias),
+            post_mlp_norm=opt_norm(D, cfg.sandwich_norm, "embed"),
         ))
     fn, fnb = norm() if cfg.final_norm else (None, None)
     proj = cfg.embed_dim is not None and cfg.embed_dim != D
@@ -291,9 +314,13 @@ def inference_layout(params: Params) -> Params:
                                proj_out=conv(params.proj_out), lm_head=conv(head))
 
 
-def inv_freq(cfg: Config) -> np.ndarray:
-    """RoPE inverse frequencies (fp32) for rope types default, linear and llama3."""
+def inv_freq(cfg: Config, i: int | None = None) -> np.ndarray:
+    """RoPE inverse frequencies (fp32) for rope types default, linear and llama3; for layer i's
+    own base when it is a sliding-window layer and cfg has a local RoPE (gemma3)."""
     H = cfg.head_dim
+    if i is not None and cfg.local_rope_theta is not None and cfg.window(i) is not None:
+        f = 1.0 / (cfg.local_rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+        return (f / cfg.local_rope_factor if cfg.local_rope_type == "linear" else f).astype(np.float32)
     f = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
     if cfg.rope_type == "linear":
         f = f / cfg.rope_factor
@@ -308,9 +335,9 @@ def inv_freq(cfg: Config) -> np.ndarray:
     return f.astype(np.float32)
 
 
-def rope(cfg: Config, x_BxTxNxH, pos_BxT):
-    """HF rotate-half RoPE; angles in fp32."""
-    ang_BxTxh = pos_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
+def rope(cfg: Config, x_BxTxNxH, pos_BxT, i: int | None = None):
+    """HF rotate-half RoPE (layer i's frequencies); angles in fp32."""
+    ang_BxTxh = pos_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg, i))
     ang = jnp.concatenate([ang_BxTxh, ang_BxTxh], -1)[:, :, None, :]
     cos, sin = jnp.cos(ang), jnp.sin(ang)
     x = x_BxTxNxH.astype(jnp.float32)
@@ -357,6 +384,10 @@ def _mask(cfg: Config, i: int, qpos, kpos):
     return ok
 
 
+def _softcap(x, cap):
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def _masked_softmax(s, ok, dtype):
     """Softmax over the last axis of fp32 scores where `ok` (masked entries get exactly 0), cast to dtype."""
     return jax.nn.softmax(jnp.where(ok, s, jnp.finfo(jnp.float32).min), axis=-1).astype(dtype)
@@ -389,7 +420,8 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
         v_BxKxExH = jnp.concatenate(vs[:j + 1], axis=2)
         kpos_BxE = jnp.concatenate(ps[:j + 1], axis=1)
         s = jnp.einsum("bkqh,bksh->bkqs", q_BxKxGxCxH.reshape(B, K, G * c, H), k_BxKxExH,
-                       preferred_element_type=jnp.float32) * (H ** -0.5)
+                       preferred_element_type=jnp.float32) * cfg.attn_scale
+        s = _softcap(s, cfg.attn_softcap)
         qpos = jnp.broadcast_to(ps[j][:, None], (B, G, c)).reshape(B, 1, G * c, 1)
         ok = _mask(cfg, i, qpos, kpos_BxE[:, None, None, :])
         p = _masked_softmax(s, ok, q_BxTxNxH.dtype)
@@ -407,8 +439,10 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     q = _linear(x_BxTxD, lp.q, lp.q_b).reshape(B, T, N, H)
     k = _linear(x_BxTxD, lp.k, lp.k_b).reshape(B, T, K, H)
     v = _linear(x_BxTxD, lp.v, lp.v_b).reshape(B, T, K, H)
+    if cfg.qk_norm:
+        q, k = _norm(cfg, q, lp.q_norm, None), _norm(cfg, k, lp.k_norm, None)
     if cfg.rope_theta is not None:
-        q, k = rope(cfg, q, pos_BxT), rope(cfg, k, pos_BxT)
+        q, k = rope(cfg, q, pos_BxT, i), rope(cfg, k, pos_BxT, i)
     if kv is None:
         o_BxKxGxTxH = _causal_attention(cfg, i, q, k, v, pos_BxT)
         out = _linear(o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), lp.o, lp.o_b)
@@ -420,7 +454,8 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     # queries as [B, K, G*T, H]: per (row, kv head) one [G*T, H] x [S, H]^T matmul
     q_BxKxGTxH = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     s = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxGTxH, k_BxKxHxS.astype(q.dtype),
-                   preferred_element_type=jnp.float32) * (H ** -0.5)
+                   preferred_element_type=jnp.float32) * cfg.attn_scale
+    s = _softcap(s, cfg.attn_softcap)
     qpos = jnp.broadcast_to(pos_BxT[:, None, :], (B, G, T)).reshape(B, 1, G * T, 1)
     ok = _mask(cfg, i, qpos, kpos_BxS[:, None, None, :])
     p = _masked_softmax(s, ok, q.dtype)
@@ -438,12 +473,17 @@ def mlp(cfg: Config, lp: Layer, x_BxTxD):
 
 
 def block(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
-    """One decoder layer (pre-norm, or OPT's post-norm when cfg.pre_norm is False)."""
+    """One decoder layer (pre-norm, with gemma2/3's extra norms on the attention and MLP outputs when
+    cfg.sandwich_norm, or OPT's post-norm when cfg.pre_norm is False)."""
     if cfg.pre_norm:
         a, kv_out = attention(cfg, i, lp, _norm(cfg, x_BxTxD, lp.attn_norm, lp.attn_norm_b), pos_BxT, kv)
+        if cfg.sandwich_norm:
+            a = _norm(cfg, a, lp.post_attn_norm, None)
         x = x_BxTxD + a
-        x = x + mlp(cfg, lp, _norm(cfg, x, lp.mlp_norm, lp.mlp_norm_b))
-        return x, kv_out
+        m = mlp(cfg, lp, _norm(cfg, x, lp.mlp_norm, lp.mlp_norm_b))
+        if cfg.sandwich_norm:
+            m = _norm(cfg, m, lp.post_mlp_norm, None)
+        return x + m, kv_out
     a, kv_out = attention(cfg, i, lp, x_BxTxD, pos_BxT, kv)
     x = _norm(cfg, x_BxTxD + a, lp.attn_norm, lp.attn_norm_b)
     x = _norm(cfg, x + mlp(cfg, lp, x), lp.mlp_norm, lp.mlp_norm_b)
@@ -491,12 +531,13 @@ def apply(params: Params, cfg: Config, tokens_BxT, pos_BxT, cache: Cache | None 
 
 
 def logits(params: Params, cfg: Config, h_BxTxE):
-    """Vocabulary logits in fp32."""
+    """Vocabulary logits in fp32 (soft-capped when cfg.final_softcap)."""
     w = params.embed if params.lm_head is None else params.lm_head
     if isinstance(w, InOut):
-        return jnp.einsum("...e,ev->...v", h_BxTxE, w.w.astype(h_BxTxE.dtype),
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...e,ve->...v", h_BxTxE, w.astype(h_BxTxE.dtype), preferred_element_type=jnp.float32)
+        lg = jnp.einsum("...e,ev->...v", h_BxTxE, w.w.astype(h_BxTxE.dtype), preferred_element_type=jnp.float32)
+    else:
+        lg = jnp.einsum("...e,ve->...v", h_BxTxE, w.astype(h_BxTxE.dtype), preferred_element_type=jnp.float32)
+    return _softcap(lg, cfg.final_softcap)
 
 
 def forward(params: Params, cfg: Config, tokens_BxT, pos_BxT):

@@ -1,8 +1,9 @@
 """Subprocess helper for tests/test_train.py: one train step on 8 CPU devices vs one device.
 
-usage: python tests/_multidevice_step.py MODEL_DIR
-Prints one JSON line: max abs parameter difference after the step for each mesh (full fine-tune
-with gradient accumulation, and LoRA), the losses, and the shardings used.
+usage: python tests/_multidevice_step.py [--quick] MODEL_DIR...
+Prints one JSON line per MODEL_DIR: max abs parameter difference after the step for each mesh (full
+fine-tune with gradient accumulation, and LoRA), the losses, and the shardings used. --quick: only
+the full fine-tune on fsdp=4 x tensor=2 and LoRA on one device (against the single-device step).
 """
 
 import json
@@ -19,7 +20,7 @@ from selfalign_jax import mesh as MS  # noqa: E402
 from selfalign_jax import batching, train  # noqa: E402
 
 
-def main(model_dir: str) -> None:
+def main(model_dir: str, quick: bool = False) -> None:
     assert jax.device_count() == 8, jax.devices()
     cfg, params = C.load(model_dir, dtype="float32")
     tok = C.load_tokenizer(model_dir)
@@ -35,6 +36,8 @@ def main(model_dir: str) -> None:
     runs = [("full", "single", 8, 2, {}), ("full", "fsdp=4,tensor=2", 8, 2, {}), ("full", "data=8", 8, 2, {}),
             ("full", "single-noaccum", 16, 1, {}), ("lora", "single", 8, 2, {"lora_rank": 4}),
             ("lora", "fsdp=4,tensor=2", 8, 2, {"lora_rank": 4})]
+    if quick:
+        runs = [r for r in runs if (r[0], r[1]) in {("full", "single"), ("full", "fsdp=4,tensor=2"), ("lora", "single")}]
     res = {}
     for name, spec, bs, ga, extra in runs:
         tcfg = train.TrainConfig(lr=1e-2, eps=1.0, batch_size=bs, grad_accum=ga, warmup_ratio=0.0, max_length=32,
@@ -57,7 +60,7 @@ def main(model_dir: str) -> None:
         return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
 
     for name, spec, *_ in runs:
-        if spec != "single":
+        if spec != "single" and (name, "single") in res:
             out["diff"][f"{name} {spec}"] = maxdiff(res[name, spec], res[name, "single"])
     out["moved"]["full"] = maxdiff(res["full", "single"], host)
     out["moved"]["lora"] = max(float(np.abs(d["b"]).max()) for layer in res["lora", "single"] for d in layer.values())
@@ -65,4 +68,6 @@ def main(model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    for d in [a for a in args if a != "--quick"]:
+        main(d, quick="--quick" in args)

@@ -28,10 +28,21 @@ FAMILY_KW = {
     "mistral": dict(num_key_value_heads=2, sliding_window=4),
     "qwen2": dict(num_key_value_heads=2),
     "gemma": dict(num_key_value_heads=1, head_dim=32),
+    # head_dim 24 != hidden / heads = 16
+    "qwen3": dict(num_key_value_heads=2, head_dim=24),
+    # soft-caps small enough to bite; query_pre_attn_scalar != head_dim; layer 0 sliding (window 4), 1 global
+    "gemma2": dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=20, sliding_window=4,
+                   attn_logit_softcapping=3.0, final_logit_softcapping=5.0),
+    # sliding layers RoPE base 100, global layers 1e6 with linear scaling 8
+    "gemma3": dict(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=20, sliding_window=4,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                    "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
     "opt": dict(do_layer_norm_before=True),
     "opt350m": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
 }
 ALL = tuple(FAMILY_KW)
+BASE = {"llama3": "llama", "llama_linear_tied": "llama", "opt350m": "opt"}
 
 
 def make_tokenizer(path: Path):
@@ -52,7 +63,7 @@ def make_tokenizer(path: Path):
 def hf_config(family: str, **over):
     import transformers
 
-    base = family.removesuffix("3").split("_")[0].replace("opt350m", "opt")
+    base = BASE.get(family, family)
     kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if base == "opt":
@@ -62,7 +73,8 @@ def hf_config(family: str, **over):
     kw.update(FAMILY_KW[family])
     kw.update(over)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "gemma": transformers.GemmaConfig,
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config, "gemma": transformers.GemmaConfig,
+           "gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig,
            "opt": transformers.OPTConfig}[base]
     c = cls(**kw)
     c._attn_implementation = "eager"
@@ -120,3 +132,97 @@ def torch_logits(m, tokens, valid):
 
 def read_json(p):
     return json.loads(Path(p).read_text())
+
+
+# ------------------------------------------------------------------------------------------- GGUF
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3"}
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
+
+
+def gguf_vocab(n: int = VOCAB, space: str = "Ġ"):
+    """A BPE vocabulary of n tokens (specials, a-z, the space mark: 'Ġ' byte-level, '▁' sentencepiece,
+    then word prefixes) and its merges."""
+    tokens = SPECIALS + list("abcdefghijklmnopqrstuvwxyz") + [space]
+    merges = []
+    for w in WORDS:
+        for piece in [space + w, w]:
+            for k in range(2, len(piece) + 1):
+                if piece[:k] not in tokens and len(tokens) < n:
+                    left = piece[:k - 1]
+                    if left in tokens:
+                        tokens.append(piece[:k])
+                        merges.append(f"{left} {piece[k - 1]}")
+    while len(tokens) < n:
+        tokens.append(f"<extra{len(tokens)}>")
+    return tokens, merges
+
+
+def write_gguf(m, path, family: str, qtypes=None):
+    """Write torch model m as llama.cpp's converter would: GGUF names, llama Q/K rows permuted, Gemma norms
+    + 1, tensors quantized by name fragment (qtypes: {fragment: 'Q8_0', ...}, default F32), and a
+    tokenizer with a chat template (byte-level BPE; sentencepiece-style for Gemma, as Gemma files carry).
+    Returns the path."""
+    import gguf
+    import numpy as np
+
+    arch = GGUF_ARCH[family]
+    c = m.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    rp = c.rope_parameters.get("full_attention", c.rope_parameters)
+    w.add_rope_freq_base(rp["rope_theta"])
+    if family == "llama":
+        w.add_rope_dimension_count(c.head_dim)
+    else:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    if family.startswith("gemma"):
+        w.add_sliding_window(c.sliding_window)
+    spm = family.startswith("gemma")
+    tokens, merges = gguf_vocab(c.vocab_size, "▁" if spm else "Ġ")
+    w.add_tokenizer_model("llama" if spm else "gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+    if spm:  # longer pieces score higher: merges follow from the scores
+        w.add_token_scores([0.0 if t in SPECIALS else float(len(t)) - 100.0 for t in tokens])
+    else:
+        w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_unk_token_id(3)
+    w.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
+                                     c.num_hidden_layers)
+    sd = m.state_dict()
+    for hf, t in sd.items():
+        if hf == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        base, suffix = hf.rsplit(".", 1)
+        name = f"{names.get_name(base)}.{suffix}"
+        x = t.detach().float().numpy().copy()
+        if family == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            n = c.num_attention_heads if "attn_q" in name else c.num_key_value_heads
+            x = x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+        if family.startswith("gemma") and name.endswith("norm.weight"):
+            x = x + 1.0
+        q = next((v for k, v in (qtypes or {}).items() if k in name), "F32")
+        if q == "F32":
+            w.add_tensor(name, x.astype(np.float32))
+        elif q == "F16":
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            qt = gguf.GGMLQuantizationType[q]
+            w.add_tensor(name, gguf.quants.quantize(x, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -41,6 +41,11 @@ def test_config_features(family_model):
         "mistral": dict(windows=(4, 4)),
         "qwen2": dict(qkv_bias=True, o_bias=False),
         "gemma": dict(head_dim=32, norm="rms1p", act="gelu_tanh", emb_scale=True, tied=True),
+        "qwen3": dict(qk_norm=True, qkv_bias=False, head_dim=24, norm="rms", sandwich_norm=False),
+        "gemma2": dict(windows=(4, None), attn_softcap=3.0, final_softcap=5.0, query_pre_attn_scalar=20.0,
+                       sandwich_norm=True, qk_norm=False, norm="rms1p", emb_scale=True, act="gelu_tanh"),
+        "gemma3": dict(windows=(4, None), attn_softcap=None, final_softcap=None, qk_norm=True, sandwich_norm=True,
+                       rope_theta=1e6, rope_type="linear", rope_factor=8.0, local_rope_theta=100.0),
         "opt": dict(pre_norm=True, final_norm=True, rope_theta=None, pos_offset=2, act="relu"),
         "opt350m": dict(pre_norm=False, final_norm=False, embed_dim=32),
     }[fam]

@@ -1,4 +1,4 @@
-"""`selfalign convert`: load a checkpoint, then export it as an HF directory."""
+"""`selfalign convert`: load a checkpoint (HF directory or GGUF file), then export it as an HF directory."""
 
 from pathlib import Path
 from typing import Literal
@@ -6,22 +6,28 @@ from typing import Literal
 
 def main(model: Path, out: Path, dtype: Literal["float32", "bfloat16"] = "float32",
          overwrite: bool = False) -> None:
-    """Load a Hugging Face checkpoint with selfalign-jax and export it again (safetensors, config,
-    generation config, tokenizer files).
+    """Load a Hugging Face checkpoint directory or a GGUF file (architectures llama, qwen2, qwen3,
+    gemma2, gemma3; dequantized) and export it as a Hugging Face directory (safetensors, config,
+    generation config, tokenizer files with the chat template).
 
     Args:
-        model: source checkpoint directory.
+        model: source checkpoint directory, or a .gguf file.
         out: destination directory (must not exist or be empty, unless --overwrite).
         dtype: dtype of the exported weights.
         overwrite: replace a non-empty destination.
     """
     import json
+    import sys
 
-    from selfalign_jax import checkpoint
+    from selfalign_jax import checkpoint, gguf_import
     from selfalign_jax.errors import UserError
 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out: directory exists and is not empty: {out} (use --overwrite)")
+    if model.suffix.lower() == ".gguf" or model.is_file():
+        cfg = gguf_import.convert(model, out, dtype=dtype, overwrite=overwrite, progress=sys.stderr.isatty())
+        print(f"wrote {out} ({cfg.family}, {dtype}, from GGUF {model.name})")
+        return
     checkpoint.load_tokenizer(model)  # fail early if there is none
     cfg, params = checkpoint.load(model, dtype="float32")
     base = json.loads((model / "config.json").read_text())

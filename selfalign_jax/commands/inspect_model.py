@@ -1,18 +1,22 @@
-"""`selfalign inspect`: what a checkpoint directory holds."""
+"""`selfalign inspect`: what a checkpoint directory (or GGUF file) holds."""
 
 from pathlib import Path
 
 
 def summary(model_dir) -> dict:
     """Family, parameter count, dtype, vocabulary, context length, tied or not (reads headers only)."""
-    from selfalign_jax import checkpoint, model as M
+    from selfalign_jax import checkpoint, gguf_import, model as M
 
-    raw = checkpoint.read_config(model_dir)
-    index = checkpoint._index(Path(model_dir))
-    cfg = checkpoint.config_from_hf(raw, "float32")
+    if Path(model_dir).suffix.lower() == ".gguf" or Path(model_dir).is_file():
+        _, cfg, lazy = gguf_import.read(model_dir)
+        dtypes = sorted({gguf_import.type_name(t.tensor) for t in lazy.values()})
+    else:
+        raw = checkpoint.read_config(model_dir)
+        index = checkpoint._index(Path(model_dir))
+        cfg = checkpoint.config_from_hf(raw, "float32")
+        dtypes = sorted({e["dtype"] for _, e, _ in index.values()})
     specs = jax_leaves(M.param_specs(cfg))
     n = sum(_prod(s.shape) for s in specs)
-    dtypes = sorted({e["dtype"] for _, e, _ in index.values()})
     return {"family": cfg.family, "parameters": n, "dtype": ",".join(dtypes),
             "vocabulary": cfg.vocab_size, "context_length": cfg.max_pos, "tied_embeddings": cfg.tied,
             "layers": cfg.n_layers, "hidden": cfg.hidden, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
@@ -38,7 +42,7 @@ def main(model: Path, json: bool = False) -> None:
     """Show a checkpoint's family, parameter count, dtype, vocabulary, context length and tying.
 
     Args:
-        model: Hugging Face checkpoint directory (config.json + safetensors).
+        model: Hugging Face checkpoint directory (config.json + safetensors), or a .gguf file.
         json: print one JSON object instead of a table.
     """
     import json as _json
