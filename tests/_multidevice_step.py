@@ -37,7 +37,8 @@ def main(model_dir: str, quick: bool = False) -> None:
             ("full", "single-noaccum", 16, 1, {}), ("lora", "single", 8, 2, {"lora_rank": 4}),
             ("lora", "fsdp=4,tensor=2", 8, 2, {"lora_rank": 4})]
     if quick:
-        runs = [r for r in runs if (r[0], r[1]) in {("full", "single"), ("full", "fsdp=4,tensor=2"), ("lora", "single")}]
+        keep = {("full", "single"), ("full", "fsdp=4,tensor=2"), ("lora", "single")}
+        runs = [r for r in runs if (r[0], r[1]) in keep]
     res = {}
     for name, spec, bs, ga, extra in runs:
         tcfg = train.TrainConfig(lr=1e-2, eps=1.0, batch_size=bs, grad_accum=ga, warmup_ratio=0.0, max_length=32,
