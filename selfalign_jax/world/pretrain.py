@@ -13,6 +13,13 @@ training twice). The default cache is `$SELFALIGN_CACHE` or `~/.cache/selfalign-
 
 `decode` is a small greedy/temperature sampler (jitted prefill + cached decode loop) used by the
 learnability probe and the tests; the pipeline uses `selfalign_jax.sampling`.
+
+Why its own loop and sampler, not `train.Trainer` and `sampling`: pretraining is next-token loss on every
+token of rows of whole documents from random init, a loss and data layout the SFT trainer (answer-token
+loss on (question, answer) pairs, HF export, resumable Orbax state) does not have; and `decode` works on
+the raw `tokenizers.Tokenizer` pretraining builds (before any HF directory exists), which
+`sampling.generate` (text through a transformers tokenizer) does not take. Folding either in would add
+modes to the trainer and the sampler that only this synthetic world uses.
 """
 
 from __future__ import annotations
