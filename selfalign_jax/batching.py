@@ -1,6 +1,6 @@
-"""SFT examples: encoding (question, answer) pairs with their loss mask, epoch planning (length-sorted
-windows, deterministic) and padded batches [grad_accum, rows, T] in length buckets (multiples of
-`bucket` tokens, so at most max_length / bucket step shapes are compiled)."""
+"""SFT examples: encoding (question, answer) pairs with their loss mask, epoch planning (random rows
+per step, or length-grouped windows; deterministic) and padded batches [grad_accum, rows, T] in length
+buckets (multiples of `bucket` tokens, so at most max_length / bucket step shapes are compiled)."""
 
 from __future__ import annotations
 
@@ -105,13 +105,17 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer, template: Template = Template
     return Encoded(ids_l, tgt_l, pad_id, truncated, dropped)
 
 
-def plan_epoch(lengths: np.ndarray, rows: int, seed: int, epoch: int, window: int = 16) -> list[np.ndarray]:
-    """Example indices of each step of one epoch: shuffled by (seed, epoch), then sorted by length
-    inside windows of `window` steps so each step holds similar lengths, then the steps shuffled.
+def plan_epoch(lengths: np.ndarray, rows: int, seed: int, epoch: int, group_lengths: bool = False,
+               window: int = 16) -> list[np.ndarray]:
+    """Example indices of each step of one epoch, shuffled by (seed, epoch): uniformly random rows per
+    step (as the authors' `DistributedSampler(shuffle=True)`). group_lengths: sort by length inside
+    windows of `window` steps so each step holds similar lengths (less padding), then shuffle the steps.
     Deterministic; ceil(n / rows) steps, the last possibly short."""
     n = len(lengths)
     rng = np.random.default_rng([int(seed), int(epoch), 0x5F7])
     perm = rng.permutation(n)
+    if not group_lengths:
+        return [perm[j:j + rows] for j in range(0, n, rows)]
     batches = []
     span = rows * window
     for s in range(0, n, span):

@@ -8,7 +8,7 @@ import sys
 
 import tyro
 
-from selfalign_jax import hostmem
+from selfalign_jax import config, hostmem
 from selfalign_jax.errors import UserError
 
 # name on the command line -> module under selfalign_jax.commands (each has `main`)
@@ -34,6 +34,7 @@ def main(argv=None):
     if argv is None:  # the `selfalign` command itself (not a call from Python code)
         hostmem.reexec()  # huge pages for XLA:CPU's per-call temporaries (see hostmem)
     funcs = _load()
+    config.COMMAND_LINE = list(sys.argv[1:] if argv is None else argv)
     try:
         tyro.extras.subcommand_cli_from_dict(funcs, args=argv, prog="selfalign")
     except UserError as e:

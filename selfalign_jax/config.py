@@ -11,6 +11,10 @@ from selfalign_jax.errors import UserError
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
 
+# the `selfalign` command line being run (set by cli.main; None when a command is called from Python):
+# which flags were given, so a preset can be overridden even by a value equal to the built-in default
+COMMAND_LINE: list[str] | None = None
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -22,7 +26,7 @@ class TrainConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.0  # applied to matrices only (not norms / biases)
-    warmup_ratio: float = 0.03  # warm-up steps = ceil(ratio * total steps), as HF
+    warmup_ratio: float = 0.03  # warm-up steps = floor(ratio * total steps), as the authors' safe-rlhf
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # the decay after warm-up
     clip_norm: float | None = 1.0  # global gradient-norm clip; None/0 = off
     batch_size: int = 8  # rows per micro-batch (global, over all devices)
@@ -30,6 +34,13 @@ class TrainConfig:
     epochs: int = 1  # passes over the data
     max_length: int = 512  # model inputs per example (prompt + answer + EOS is cut to max_length + 1)
     bucket: int = 64  # sequence lengths are padded to a multiple of this (bounded compiles)
+    # batch composition: False = uniformly random rows per step (the authors' sampler); True = rows of
+    # similar length per step (less padding, faster; biases which examples share a step)
+    length_grouping: bool = False
+    # "token": mean over every answer token of the step; "sequence" (the authors' safe-rlhf): each row's
+    # loss summed over its answer tokens / the micro-batch's padded length, then the mean over the
+    # micro-batch's rows, then over the step's micro-batches
+    loss_norm: Literal["token", "sequence"] = "token"
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA scale = alpha / rank
     lora_targets: tuple[str, ...] = LORA_TARGETS  # the projections that get adapters
@@ -53,6 +64,7 @@ class TrainConfig:
                (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
                (self.lora_rank >= 0, "--lora-rank must be >= 0"),
                (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine|linear|constant"),
+               (self.loss_norm in ("token", "sequence"), "--loss-norm must be token or sequence"),
                (self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
                (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "betas must be in [0, 1)"),
                (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
@@ -89,7 +101,9 @@ class IsaraConfig:
 
     iterations: int = 2  # T
     generate: int = 512  # N prompts per iteration
-    demos: int = 8  # K demonstrations per prompt
+    demos: int = 8  # K demonstrations per prompt (question and answer generation)
+    icl_demos: int | None = None  # K of the ICL baselines (None: demos; the authors used 4 on Alpaca, 6 to generate)
+    answer_demos: Literal["knn", "random"] = "knn"  # answer demonstrations: retrieved, or random (authors' --random)
     context_budget: int = 2000  # a demonstration is added only while the prompt stays under this
     template: Literal["plain", "chat"] = "plain"
     embedder: Literal["encoder", "lm", "hashing"] = "lm"
@@ -101,9 +115,25 @@ class IsaraConfig:
     eval_max_new_tokens: int = 200
     rouge_threshold: float = 0.7
     min_words: int = 5
+    # duplicate filter: "all" drops a question equal to any seed, earlier kept or this iteration's kept
+    # question (ours); "iteration" only to one kept earlier in this iteration (the authors')
+    dedup: Literal["all", "iteration"] = "all"
     lr_decay: float = 0.5  # step 5's learning rate is sft.lr * lr_decay^(t - 1) at iteration t
     # step 5's trainer settings; the run sets lr (decayed), seed (per iteration) and dtype (the model's)
     sft: TrainConfig = TrainConfig(batch_size=32, grad_accum=1)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int | None = None  # generation batch (None: from a memory budget)
     seed: int = 0
+
+    @property
+    def k_icl(self) -> int:
+        return self.demos if self.icl_demos is None else self.icl_demos
+
+    def __post_init__(self) -> None:
+        chk = [(self.iterations >= 0, "--iterations must be >= 0"), (self.demos >= 1, "--demos must be >= 1"),
+               (self.icl_demos is None or self.icl_demos >= 1, "--icl-demos must be >= 1"),
+               (self.answer_demos in ("knn", "random"), "--answer-demos must be knn or random"),
+               (self.dedup in ("all", "iteration"), "--dedup must be all or iteration")]
+        for ok, msg in chk:
+            if not ok:
+                raise UserError(msg)

@@ -60,25 +60,30 @@ def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_
 
 # ------------------------------------------------------------------------------- ISARA, step 1
 def demo_counts(t: int, k: int) -> list[int]:
-    """Demonstrations per pool set at iteration t: 1 from each of D_1..D_{t-1}, the rest seeds."""
+    """Demonstrations per pool set D_0..D_{t-1} at iteration t: 1 from each generated set, the rest
+    seeds; past t = K + 1 only the K newest generated sets give one (the authors' `[1]*t` rule
+    stops there)."""
     earlier = min(t - 1, k)
-    return [k - earlier] + [1] * earlier
+    return [k - earlier] + [0] * (t - 1 - earlier) + [1] * earlier
 
 
 def fit_budget(template: Template, tokenizer, demos: list[tuple[str, str]], render, budget: int):
-    """Add demonstrations one at a time while the rendered prompt stays within `budget` tokens."""
+    """The demonstrations, in order, that fit: each is added only if the rendered prompt stays under
+    `budget` tokens (`<`); one that does not fit is skipped and later ones are still tried (the
+    authors' rule). `render` always renders the rest of the prompt (e.g. the question)."""
     kept = []
     for d in demos:
-        if len(tokenizer(render(kept + [d])).input_ids) > budget:
-            break
-        kept.append(d)
+        if len(tokenizer(render(kept + [d])).input_ids) < budget:
+            kept.append(d)
     return kept
 
 
 # ------------------------------------------------------------------------------- ISARA, step 2
 def write_questions(model: LoadedModel, pools: list[list[dict]], t: int, cfg: IsaraConfig) -> list[dict]:
     """N prompts of random demonstrations (counts per pool set from step 1), each ending with
-    `BEGINNING OF CONVERSATION: USER:`; the model's continuation, cut at a marker, is the question."""
+    `BEGINNING OF CONVERSATION: USER:`; the model's continuation, cut at a marker, is the question.
+    Order as the authors': the seeds, then the one demo from each generated set in pool order (the
+    newest next to the `USER:` slot); no shuffle across sets."""
     tpl, rng = Template(cfg.template, model.tokenizer), stage_rng(cfg.seed, t, "questions")
     counts, budget = demo_counts(t, cfg.demos), prompt_budget(model, cfg, cfg.question_gen)
     prompts, demo_sets = [], []
@@ -87,7 +92,6 @@ def write_questions(model: LoadedModel, pools: list[list[dict]], t: int, cfg: Is
         for pool, c in zip(pools, counts):
             idx = rng.choice(len(pool), size=min(c, len(pool)), replace=False)
             demos += [(pool[i]["question"], pool[i]["answer"]) for i in idx]
-        demos = [demos[i] for i in rng.permutation(len(demos))]
         demos = fit_budget(tpl, model.tokenizer, demos, tpl.question_prompt, budget)
         prompts.append(tpl.question_prompt(demos))
         demo_sets.append(demos)
@@ -105,23 +109,29 @@ def prompt_budget(model: LoadedModel, cfg: IsaraConfig, gen: GenConfig) -> int:
 # ------------------------------------------------------------------------------- ISARA, step 3
 def write_answers(model: LoadedModel, pools, indexes, embedder, questions: list[dict], t: int,
                   cfg: IsaraConfig) -> list[dict]:
-    """For each new question, its nearest neighbours within each pool set (counts as in step 1) as
-    demonstrations, nearest last, then the question; the model's continuation is the answer."""
+    """For each new question, demonstrations from each pool set (counts as in step 1): its nearest
+    neighbours (answer_demos="knn"), or random ones ("random", the authors' --random ablation); then the
+    question; the model's continuation is the answer. Order as the authors': per set, nearest first,
+    seeds then D_1..D_{t-1}, so the generated neighbour stands right before the question. The budget
+    skips demonstrations that do not fit; the question is always kept."""
     tpl = Template(cfg.template, model.tokenizer)
     counts, budget = demo_counts(t, cfg.demos), prompt_budget(model, cfg, cfg.answer_gen)
     qs = [q["question"] for q in questions]
-    q_vecs = embedder.embed(qs)
-    per_set = [index.query(q_vecs, c) if c > 0 else [[] for _ in qs]
-               for index, c in zip(indexes, counts)]
+    if cfg.answer_demos == "random":
+        rng = stage_rng(cfg.seed, t, "answers")
+        per_set = [[rng.choice(len(pool), size=min(c, len(pool)), replace=False) for _ in qs]
+                   for pool, c in zip(pools, counts)]
+    else:
+        q_vecs = embedder.embed(qs)
+        per_set = [index.query(q_vecs, c) if c > 0 else [[] for _ in qs]
+                   for index, c in zip(indexes, counts)]
     prompts, used = [], []
     for i, q in enumerate(qs):
         demos = []
         for pool, ids in zip(pools, per_set):
             demos += [(pool[j]["question"], pool[j]["answer"]) for j in ids[i] if j >= 0]
-        # kNN lists are best first: the budget keeps the best; rendered reversed, so the most
-        # similar demonstration stands next to the question
-        demos = fit_budget(tpl, model.tokenizer, demos, lambda ds: tpl.answer_prompt(ds[::-1], q), budget)
-        prompts.append(tpl.answer_prompt(demos[::-1], q))
+        demos = fit_budget(tpl, model.tokenizer, demos, lambda ds: tpl.answer_prompt(ds, q), budget)
+        prompts.append(tpl.answer_prompt(demos, q))
         used.append(len(demos))
     answers = generate(model, prompts, cfg.answer_gen, stage_key(cfg.seed, t, "answers"),
                        cfg.batch_size, desc=f"iter {t} answers")
@@ -132,7 +142,8 @@ def write_answers(model: LoadedModel, pools, indexes, embedder, questions: list[
 def filter_answers(answers: list[dict], pools, t: int, cfg: IsaraConfig) -> tuple[list[dict], dict]:
     """The paper's four rule filters; returns the kept pairs and the drop counts by reason."""
     fcfg = filters.FilterConfig(cfg.rouge_threshold, cfg.min_words, cfg.min_words)
-    seen = [s["question"] for pool in pools for s in pool]
+    # dedup "all": against every pool set too; "iteration" (the authors'): this iteration's kept only
+    seen = [s["question"] for pool in pools for s in pool] if cfg.dedup == "all" else []
     res = filters.filter_pairs([(a["question"], a["answer"], a["demo_questions"]) for a in answers],
                                seen_questions=seen, cfg=fcfg)
     kept = [{"question": answers[i]["question"], "answer": answers[i]["answer"], "source": f"D_{t}",
@@ -160,14 +171,15 @@ def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: Is
 # ------------------------------------------------------------------------------- ISARA, step 6
 def answer_questions(model: LoadedModel, questions: list[str], max_new_tokens: int, demos_for=None,
                      template: str = "plain", seed: int = 0, batch_size=None) -> list[str]:
-    """Greedy answers to `questions` (optionally with demonstrations: ICL baselines)."""
+    """Greedy answers to `questions` (optionally with demonstrations: ICL baselines; rendered in the
+    order given, for ICL-kNN nearest first as the authors')."""
     tpl = Template(template, model.tokenizer)
     budget = max(16, model.cfg.max_pos - max_new_tokens)
     prompts = []
     for i, q in enumerate(questions):
-        demos = demos_for(i, q) if demos_for else []  # best first; rendered most similar last
-        demos = fit_budget(tpl, model.tokenizer, demos, lambda ds: tpl.answer_prompt(ds[::-1], q), budget)
-        prompts.append(tpl.answer_prompt(demos[::-1], q))
+        demos = demos_for(i, q) if demos_for else []
+        demos = fit_budget(tpl, model.tokenizer, demos, lambda ds: tpl.answer_prompt(ds, q), budget)
+        prompts.append(tpl.answer_prompt(demos, q))
     gen = GenConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     return generate(model, prompts, gen, stage_key(seed, 0, "eval"), batch_size, desc="evaluate")
 

@@ -85,17 +85,43 @@ def _defaults(section: str) -> dict:
     return dataclasses.asdict(getattr(IsaraConfig(), section)) if section == "sft" else {}
 
 
-def resolve(cli: IsaraConfig, preset: str | None, max_new_tokens: int | None = None) -> IsaraConfig:
-    """The preset (if any) with every field the command line changed from the default laid over it;
-    --max-new-tokens sets both question and answer generation lengths."""
-    def overlay(base, given, default):
+def given_fields(argv) -> set[str] | None:
+    """The IsaraConfig fields (dotted: `answer_gen.temperature`) named by flags in a command line
+    (`--answer-gen.temperature 1.0`, `--seed=0`, `--sft.no-remat`); None for no command line."""
+    if argv is None:
+        return None
+    sections = {"question_gen": GenConfig, "answer_gen": GenConfig, "sft": TrainConfig}
+    known, got = set(), set()
+    for f in dataclasses.fields(IsaraConfig):
+        sub = sections.get(f.name)
+        known |= {f"{f.name}.{g.name}" for g in dataclasses.fields(sub)} if sub else {f.name}
+    for a in argv:
+        if not a.startswith("--"):
+            continue
+        name = a[2:].split("=", 1)[0].replace("-", "_")
+        head, _, leaf = name.rpartition(".")
+        for cand in (name, f"{head}.{leaf[3:]}" if head else leaf[3:]):  # --no-x / --sft.no-x (booleans)
+            if cand in known:
+                got.add(cand)
+                break
+    return got
+
+
+def resolve(cli: IsaraConfig, preset: str | None, max_new_tokens: int | None = None,
+            given: set[str] | None = None) -> IsaraConfig:
+    """The preset (if any) with the command line's fields laid over it: those in `given` (dotted names
+    from `given_fields(argv)`: a value equal to the built-in default still overrides the preset), or,
+    when `given` is None, every field that differs from the default. --max-new-tokens sets both question
+    and answer generation lengths."""
+    def overlay(base, cl, default, pre=""):
         kw = {}
-        for f in dataclasses.fields(given):
-            g, d = getattr(given, f.name), getattr(default, f.name)
+        for f in dataclasses.fields(cl):
+            g, d = getattr(cl, f.name), getattr(default, f.name)
             if dataclasses.is_dataclass(g):
-                kw[f.name] = overlay(getattr(base, f.name), g, d)
+                kw[f.name] = overlay(getattr(base, f.name), g, d, f"{f.name}.")
             else:
-                kw[f.name] = g if g != d else getattr(base, f.name)
+                use = (pre + f.name) in given if given is not None else g != d
+                kw[f.name] = g if use else getattr(base, f.name)
         return dataclasses.replace(base, **kw)
 
     cfg = overlay(load_config(preset), cli, IsaraConfig()) if preset else cli
@@ -119,6 +145,8 @@ def check_seeds(seeds: list[dict], cfg: IsaraConfig, where: str = "--seeds") -> 
             raise UserError(f"{where}: seed {i} has an empty question or answer")
     if len(seeds) < cfg.demos:
         raise UserError(f"{where}: {len(seeds)} seeds is fewer than --demos {cfg.demos}")
+    if len(seeds) < cfg.k_icl:
+        raise UserError(f"{where}: {len(seeds)} seeds is fewer than --icl-demos {cfg.k_icl}")
     return [{"question": s["question"], "answer": s["answer"], "source": "D_0", "iteration": 0}
             for s in seeds]
 
@@ -150,6 +178,11 @@ class RunDir:
             old = json.loads(p.read_text())
             if old.get("eval") is None or ident["eval"] is None:  # adding eval prompts later is fine
                 old["eval"] = ident["eval"] = ident["eval"] or old.get("eval")
+            # more iterations continue a run: iterations 1..T_old are the same whatever T is
+            o_it, n_it = old.get("isara", {}).get("iterations"), ident["isara"]["iterations"]
+            if isinstance(o_it, int) and o_it < n_it:
+                old["isara"] = {**old["isara"], "iterations": n_it}
+                log(f"iterations {o_it} -> {n_it}: continuing the run with iterations {o_it + 1}..{n_it}")
             if old != ident:
                 diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
                 if k := next((k for k in diff if k == "isara"), None):
@@ -227,14 +260,19 @@ class RunDir:
             log(f"{path.relative_to(self.root)}: fine-tuned in {time.time() - t0:.1f}s")
         return LazyModel(path, self.cfg.dtype)
 
-    def eval_stage(self, name: str, model, scorer, row: str, iteration=None, demos_for=None) -> dict:
+    def eval_stage(self, name: str, model, scorer, row: str, iteration=None, demos_for=None, rounds=None) -> dict:
+        """Evaluate `model` into name/ (skipped when done; `rounds`: the SFT baseline's round count, a
+        result for another count is redone)."""
         d = self.root / name
         if (d / "metrics.json").is_file():
-            return json.loads((d / "metrics.json").read_text())
+            old = json.loads((d / "metrics.json").read_text())
+            if old.get("made_for", {}).get("rounds") == rounds:
+                return old
         t0 = time.time()
         rows, metrics = isara.evaluate(model.model, self.eval_set, scorer, self.cfg, demos_for)
         fileio.write_jsonl(d / "eval.jsonl", rows)
-        out = {"row": row, "iteration": iteration, **metrics}
+        out = {"row": row, "iteration": iteration, **({"made_for": {"rounds": rounds}} if rounds is not None else {}),
+               **metrics}
         fileio.write_json(d / "metrics.json", out)
         log(f"{name}: evaluated in {time.time() - t0:.1f}s: "
                   + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -280,25 +318,34 @@ def baseline(kind: str, model_dir, seeds, run_dir, cfg, eval_set, scorer, force=
     if kind == "pretrained":
         rd.eval_stage("pretrained", base, scorer, row="pretrained")
     elif kind == "sft":
-        m = rd.model_stage(rd.root / name / "model",
-                            lambda out: isara.sft(base.model, rd.seeds, out, cfg.sft.lr, cfg, 0))
-        rd.eval_stage(name, m, scorer, row="sft")
+        # the authors' `64_0/T`: the ISARA loop without generated data, T sequential SFT rounds on the
+        # seeds with ISARA's schedule (round t: lr * decay^(t-1), from the round t-1 model)
+        m = base
+        for t in range(1, cfg.iterations + 1):
+            lr = cfg.sft.lr * cfg.lr_decay ** (t - 1)
+            m = rd.model_stage(rd.root / name / f"round_{t}",
+                               lambda out, m=m, t=t, lr=lr: isara.sft(m.model, rd.seeds, out, lr, cfg, t))
+        rd.eval_stage(name, m, scorer, row="sft", rounds=cfg.iterations)
     elif kind == "icl-knn":
         emb = rd.embedder
-        ids = rd.index(0, rd.seeds, emb).query(emb.embed([r["question"] for r in eval_set]), cfg.demos)
+        ids = rd.index(0, rd.seeds, emb).query(emb.embed([r["question"] for r in eval_set]), cfg.k_icl)
         pick = lambda i, q: [(rd.seeds[j]["question"], rd.seeds[j]["answer"]) for j in ids[i] if j >= 0]  # noqa: E731
         rd.eval_stage(name, base, scorer, row="icl-knn", demos_for=pick)
     elif kind == "icl-random":
         rng = isara.stage_rng(cfg.seed, 0, "icl")
-        ids = [rng.choice(len(rd.seeds), cfg.demos, replace=False) for _ in eval_set]
+        ids = [rng.choice(len(rd.seeds), cfg.k_icl, replace=False) for _ in eval_set]
         pick = lambda i, q: [(rd.seeds[j]["question"], rd.seeds[j]["answer"]) for j in ids[i]]  # noqa: E731
         rd.eval_stage(name, base, scorer, row="icl-random", demos_for=pick)
     elif kind == "one-round":
+        # shares iteration 1's random streams (stage keys of (seed, t=1)): see configs/README.md
         sub = rd.root / name
-        if not (sub / "metrics.json").is_file():
-            one = dataclasses.replace(cfg, iterations=1, generate=cfg.iterations * cfg.generate)
-            rows = run(model_dir, seeds, sub, one, eval_set, scorer, force, eval_pretrained=False)
-            fileio.write_json(sub / "metrics.json", {**rows[-1], "row": "one-round", "iteration": None})
+        one = dataclasses.replace(cfg, iterations=1, generate=cfg.iterations * cfg.generate)
+        done = sub / "metrics.json"
+        if not done.is_file() or json.loads(done.read_text()).get("made_for", {}).get("generate") != one.generate:
+            # (a run extended to more iterations needs a new one-round run of T x N samples)
+            rows = run(model_dir, seeds, sub, one, eval_set, scorer, force or done.is_file(), eval_pretrained=False)
+            fileio.write_json(done, {**rows[-1], "row": "one-round", "iteration": None,
+                                    "made_for": {"generate": one.generate}})
     else:
         raise UserError(f"--kind: unknown baseline {kind!r}")
     return rd.finish()

@@ -10,7 +10,8 @@ API
         temperature / top_k / top_p / repetition_penalty: a scalar or one value per prompt; they are traced
         arrays, so changing them never recompiles. temperature 0 = greedy (argmax); top_k 0 = off;
         top_p 1 = off; repetition_penalty 1 = off; no_repeat_ngram 0 = off (static: one compile per size).
-        stop: stop strings (default: the ISARA template markers BEGIN, END, USER, ASSISTANT; () for none).
+        stop: stop strings (default: the ISARA template markers `template.MARKERS`; () for none); one at
+        index 0 of the completion does not stop (the authors' post-processing rule).
         EOS ids: cfg.eos_ids plus tokenizer.eos_token_id (ignore_eos=True: generate max_new_tokens always).
     Result(text, token_ids, logprobs, finish_reason, prompt_tokens, truncated)
         text: the completion (text after the prompt, special tokens removed, cut before the first stop
@@ -82,7 +83,7 @@ import numpy as np
 from selfalign_jax import model as M
 from selfalign_jax.buckets import pow2
 from selfalign_jax.errors import UserError
-from selfalign_jax.template import MARKERS
+from selfalign_jax.template import MARKERS, find_cut
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (compiled)
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (bounds the attention-score memory)
@@ -457,8 +458,9 @@ def _completion(tokenizer, tail: list[int], gen: list[int]) -> str:
 
 
 def _find_stop(text: str, stop: Sequence[str]) -> int:
-    idx = [j for j in (text.find(s) for s in stop) if j >= 0]
-    return min(idx) if idx else -1
+    """The first stop point (`template.find_cut`: a stop string at index 0 does not stop, as the authors'
+    post-processing does not cut there)."""
+    return find_cut(text, stop)
 
 
 def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *,

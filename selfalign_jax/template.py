@@ -1,7 +1,8 @@
 """Conversation templates: the paper's plain safe-rlhf template (default) or the model's chat template.
 
 Plain: `BEGINNING OF CONVERSATION: USER: {question} ASSISTANT: {answer} END OF CONVERSATION`, demonstrations
-joined by a blank line. Generated text is cut at the first template marker and stripped.
+joined by a blank line. Generated text is cut at the first template marker (BEGIN, END, USER, ASSISTANT,
+ASSISTENT, \\begin, \\end, ANS; not at index 0) and stripped, as the authors' post-processing.
 """
 
 from __future__ import annotations
@@ -14,15 +15,22 @@ BEGIN = "BEGINNING OF CONVERSATION:"
 USER = "USER:"
 ASSISTANT = "ASSISTANT:"
 END = "END OF CONVERSATION"
-MARKERS = ("BEGIN", "END", "USER", "ASSISTANT")  # stop strings for generation
+# the authors' post-processing markers (`utils.postprocessing`): generation stops and text is cut at them
+MARKERS = ("BEGIN", "END", "USER", "ASSISTANT", "ASSISTENT", "\\begin", "\\end", "ANS")
 SEP = "\n\n"
 _MARK = "\x00SELFALIGN\x00"
 
 
+def find_cut(text: str, markers=MARKERS) -> int:
+    """Index of the first cut point: the earliest first occurrence of a marker, where an occurrence at
+    index 0 is no cut point (the authors' `if idx > 0`); -1 if none."""
+    return min((j for j in (text.find(m) for m in markers) if j > 0), default=-1)
+
+
 def cut(text: str, markers=MARKERS) -> str:
-    """Text before the first marker, stripped."""
-    i = min((j for j in (text.find(m) for m in markers) if j >= 0), default=len(text))
-    return text[:i].strip()
+    """Text before the first cut point (`find_cut`), stripped."""
+    i = find_cut(text, markers)
+    return (text if i < 0 else text[:i]).strip()
 
 
 @dataclasses.dataclass(frozen=True)

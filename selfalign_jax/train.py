@@ -5,10 +5,14 @@ Data (`batching`): (question, answer) pairs rendered with the conversation templ
 truncated to `max_length` model inputs; the loss weight is 1 on answer tokens (and the EOS) and 0 on the
 prompt; batches in length buckets.
 
-Loss (`loss`): the token-weighted mean over the whole effective batch,
+Loss (`loss`), `loss_norm="token"` (default): the token-weighted mean over the whole effective batch,
     loss = sum_{micro-batches, rows, positions} w * nll / sum w,
 so `grad_accum` micro-batches of `batch_size` rows give the same gradient as one batch of
 `batch_size * grad_accum` rows (up to float summation order); clipping and AdamW see that mean.
+`loss_norm="sequence"` (the authors'): each row's answer-token nll sum / its micro-batch's padded length
+(longest row), mean over the micro-batch's rows, mean over the step's micro-batches (`sequence_weights`:
+folded into the loss weights, so the fused loss, the streams and the accumulation scan are unchanged).
+It depends on the micro-batch split: the authors' 4 x 8 is `batch_size=4, grad_accum=8`.
 
 Sharding: a ('data', 'fsdp', 'tensor') mesh (`mesh.make_mesh`); parameters, adapters and optimizer
 state are placed by the logical-axis rules of `model.ShardingRules` (optimizer moments inherit
@@ -71,7 +75,9 @@ class TrainingDiverged(UserError):
 
 # ------------------------------------------------------------------------------------- optimizer
 def warmup_steps(tcfg: TrainConfig, total_steps: int) -> int:
-    return int(math.ceil(tcfg.warmup_ratio * total_steps))
+    """floor(ratio * total), as the authors' safe-rlhf (`int(...)`): a short SFT (< 1 / ratio steps) has no
+    warm-up, so its first update runs at the peak rate (HF Trainer's ceil would make it an lr-0 step)."""
+    return int(math.floor(tcfg.warmup_ratio * total_steps + 1e-9))
 
 
 def schedule_lr(kind: str, step, peak, warmup, total):
@@ -91,7 +97,7 @@ def schedule_lr(kind: str, step, peak, warmup, total):
 
 
 def lr_schedule(tcfg: TrainConfig, total_steps: int) -> Callable:
-    """step -> learning rate of a run of `total_steps` steps (warm-up ceil(ratio * total) steps)."""
+    """step -> learning rate of a run of `total_steps` steps (warm-up floor(ratio * total) steps)."""
     return functools.partial(_schedule_at, tcfg.schedule, peak=tcfg.lr, warmup=warmup_steps(tcfg, total_steps),
                              total=total_steps)
 
@@ -129,6 +135,20 @@ def _opt_shardings(optimizer, params_abstract, param_sh, mesh):
         return rep
 
     return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def sequence_weights(w_AxBxT, pos_AxBxT):
+    """Loss weights that make sum(w' * nll) the authors' loss (safe-rlhf `SupervisedFinetuneTrainer`:
+    per row, the nll summed over answer tokens / (padded length - 1), mean over the rows, and DeepSpeed's
+    mean over the accumulated micro-batches). Per micro-batch a: w / (L_a * rows_a * A') with L_a its
+    longest row's inputs (the authors pad each micro-batch to its longest), rows_a its non-empty rows and
+    A' the step's non-empty micro-batches (a short last step counts only the rows it has)."""
+    n_AxB = jnp.sum(pos_AxBxT >= 0, axis=-1)
+    L_A = jnp.max(n_AxB, axis=-1).astype(jnp.float32)
+    rows_A = jnp.sum(n_AxB > 0, axis=-1).astype(jnp.float32)
+    live = jnp.maximum(jnp.sum(rows_A > 0).astype(jnp.float32), 1.0)
+    scale_A = 1.0 / (jnp.maximum(L_A, 1.0) * jnp.maximum(rows_A, 1.0) * live)
+    return w_AxBxT * scale_A[:, None, None]
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -247,6 +267,9 @@ class StepFns:
         self.traced_shapes.append(tuple(batch["tokens"].shape))
         total = batch["weights"].sum()
         denom = jnp.maximum(total, 1.0)
+        if self.spec.tcfg.loss_norm == "sequence":
+            batch = {**batch, "weights": sequence_weights(batch["weights"], batch["pos"])}
+            denom = jnp.ones((), jnp.float32)
         lsum, gsum = self._grads(state.params, frozen, batch)
         grads = jax.tree.map(lambda g: g / denom, gsum)
         loss = lsum / denom
@@ -430,7 +453,7 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
         e = step // spe
         if e not in plans:
             plans.clear()
-            plans[e] = plan_epoch(enc.lengths, tcfg.effective_batch, tcfg.seed, e)
+            plans[e] = plan_epoch(enc.lengths, tcfg.effective_batch, tcfg.seed, e, tcfg.length_grouping)
         return make_batch(enc, plans[e][step % spe], tcfg.grad_accum, trainer.micro_rows, tcfg.max_length,
                           tcfg.bucket)
 

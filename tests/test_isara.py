@@ -166,6 +166,11 @@ def test_baselines_write_rows(world, reference_run, tmp_path):
         rows = rundir.baseline(kind, d / "model", seeds, run, CFG, evals, scorer)
     names = [r["row"] for r in rows]
     assert names == ["pretrained", "sft", "icl-knn", "icl-random", "isara_it1", "isara_it2"]
+    # SFT on seeds as the authors' 64_0/T: T rounds, each from the previous round's model, ISARA's lr schedule
+    lrs = [json.loads((run / "baselines" / "sft" / f"round_{t}" / "selfalign_train.json").read_text())
+           ["train_config"]["lr"] for t in (1, 2)]
+    assert lrs == [CFG.sft.lr, CFG.sft.lr * CFG.lr_decay]
+    assert json.loads((run / "baselines" / "sft" / "metrics.json").read_text())["made_for"] == {"rounds": 2}
     assert "| ICL-kNN |" in (run / "report.md").read_text()
     icl = fileio.read_jsonl(run / "baselines" / "icl-knn" / "eval.jsonl")
     assert len(icl) == len(evals) and all("response" in r for r in icl)
@@ -188,3 +193,187 @@ def test_input_errors(world, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "ok words here"}\n{"question": \n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed"):
         read_eval(tmp_path / "bad.jsonl")
+
+
+# ------------------------------------------------------------------- fidelity to the authors' code (issue 16)
+class _Tok:
+    """Whitespace tokenizer: one token per word (budgets in words)."""
+
+    class _Out:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text, **kw):
+        return self._Out(text.split())
+
+
+class _Model:
+    tokenizer = _Tok()
+    cfg = type("Cfg", (), {"max_pos": 4096})()
+
+
+def _capture(monkeypatch):
+    """isara.generate replaced: records the prompts, answers 'out i'."""
+    seen = []
+
+    def fake(model, prompts, gen, key, batch_size=None, desc=""):
+        seen.extend(prompts)
+        return [f"out {i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(isara, "generate", fake)
+    return seen
+
+
+def _demo_qs(prompt: str) -> list[str]:
+    return [b.split(" USER: ", 1)[1].split(" ASSISTANT:")[0] for b in prompt.split("\n\n")[:-1]]
+
+
+def _pools():
+    seeds = [{"question": f"seed question {i} about water", "answer": f"seed answer {i}"} for i in range(6)]
+    d1 = [{"question": f"first set question {i}", "answer": f"d1 answer {i}"} for i in range(3)]
+    d2 = [{"question": f"second set question {i}", "answer": f"d2 answer {i}"} for i in range(3)]
+    return [seeds, d1, d2]
+
+
+def test_demo_counts_use_the_newest_sets_past_k_plus_1():
+    c = isara.demo_counts(11, 8)  # pools D_0..D_10: seeds 0, D_1 and D_2 nothing, D_3..D_10 one each
+    assert c == [0, 0, 0] + [1] * 8 and len(c) == 11
+    assert isara.demo_counts(9, 8) == [0] + [1] * 8
+
+
+def test_cut_markers_as_the_authors_postprocessing():
+    from selfalign_jax import sampling
+    from selfalign_jax.template import cut
+
+    assert cut(" The answer is 4. ANSWER: 5") == "The answer is 4."
+    assert cut(" x ASSISTENT: y") == "x" and cut(" eq \\begin{align} a") == "eq" and cut(" a \\end{b}") == "a"
+    assert cut(" a USER: b END OF") == "a"
+    assert cut("ANSWER: yes, it is USER: next") == "ANSWER: yes, it is"  # index 0 is no cut point
+    assert cut("USER: only") == "USER: only"
+    assert sampling._find_stop("USER: hi", isara.MARKERS) == -1 and sampling._find_stop(" hi ANS", isara.MARKERS) == 4
+
+
+def test_budget_skips_a_demo_that_does_not_fit_and_tries_later_ones():
+    tok, render = _Tok(), (lambda ds: " ".join(q + " " + a for q, a in ds) + " QUESTION")
+    demos = [("a", "b"), ("long " * 10, "x"), ("c", "d"), ("e", "f")]
+    # words: 'a b QUESTION' = 3, + 'c d' = 5, + 'e f' = 7; the long one never fits
+    assert isara.fit_budget(None, tok, demos, render, budget=8) == [demos[0], demos[2], demos[3]]
+    assert isara.fit_budget(None, tok, demos, render, budget=7) == [demos[0], demos[2]]  # `<`: 7 is over
+    assert isara.fit_budget(None, tok, demos, render, budget=1) == []
+
+
+def test_question_prompts_seeds_first_then_each_set_in_pool_order(monkeypatch):
+    seen = _capture(monkeypatch)
+    pools, cfg = _pools(), dataclasses.replace(CFG, demos=4, generate=5)
+    rows = isara.write_questions(_Model(), pools, 3, cfg)
+    for p, r in zip(seen, rows):
+        qs = _demo_qs(p)
+        assert qs == r["demo_questions"] and len(qs) == 4
+        assert [q.split()[0] for q in qs] == ["seed", "seed", "first", "second"]  # newest next to USER:
+        assert p.endswith("second set question " + qs[-1].split()[-1] + " ASSISTANT: d2 answer "
+                          + qs[-1].split()[-1] + " END OF CONVERSATION\n\nBEGINNING OF CONVERSATION: USER:")
+
+
+def test_answer_prompts_per_set_nearest_first_generated_next_to_the_question(monkeypatch):
+    from selfalign_jax import embed, retrieval
+
+    seen = _capture(monkeypatch)
+    pools, cfg = _pools(), dataclasses.replace(CFG, demos=4)
+    emb = embed.HashingEmbedder()
+    indexes = [retrieval.PoolIndex.build(emb.embed([p["question"] for p in pool])) for pool in pools]
+    questions = [{"question": "seed question 3 about water today"}, {"question": "second set question 2 now"}]
+    rows = isara.write_answers(_Model(), pools, indexes, emb, questions, 3, cfg)
+    for p, q in zip(seen, questions):
+        qs = _demo_qs(p)
+        assert [x.split()[0] for x in qs] == ["seed", "seed", "first", "second"]
+        assert p.endswith(f"USER: {q['question']} ASSISTANT:")
+        want = [pools[0][j]["question"] for j in retrieval.exact_topk(emb.embed([p["question"] for p in pools[0]]),
+                                                                       emb.embed([q["question"]]), 2)[0][0]]
+        assert qs[:2] == want  # nearest first
+    assert [r["n_answer_demos"] for r in rows] == [4, 4]
+    # random demonstrations (the authors' --random): same counts per set, deterministic, not the kNN picks
+    cfg_r = dataclasses.replace(cfg, answer_demos="random", generate=40)
+    many = [{"question": "seed question 3 about water today"}] * 40
+    seen.clear()
+    isara.write_answers(_Model(), pools, indexes, emb, many, 3, cfg_r)
+    first = list(seen)
+    seen.clear()
+    isara.write_answers(_Model(), pools, indexes, emb, many, 3, cfg_r)
+    assert first == seen and len(set(first)) > 1
+    assert all([x.split()[0] for x in _demo_qs(p)] == ["seed", "seed", "first", "second"] for p in first)
+    # a question over the budget keeps itself, with no demonstrations
+    seen.clear()
+    tight = dataclasses.replace(cfg, context_budget=12)
+    isara.write_answers(_Model(), pools, indexes, emb, [{"question": "word " * 20}], 3, tight)
+    assert seen == ["BEGINNING OF CONVERSATION: USER: " + "word " * 20 + " ASSISTANT:"]
+
+
+def test_icl_knn_nearest_first_with_its_own_k(world, tmp_path, monkeypatch):
+    d, seeds, evals, scorer = world
+    seen = _capture(monkeypatch)
+    cfg = dataclasses.replace(CFG, icl_demos=2)
+    rundir.baseline("icl-knn", d / "model", seeds, tmp_path / "k", cfg, evals, scorer)
+    from selfalign_jax import embed, retrieval
+
+    emb = embed.HashingEmbedder()
+    for p, e in zip(seen, evals):
+        ids = retrieval.exact_topk(emb.embed([s["question"] for s in seeds]), emb.embed([e["question"]]), 2)[0][0]
+        assert _demo_qs(p) == [seeds[j]["question"] for j in ids]  # K = 2, nearest first
+    with pytest.raises(UserError, match="fewer than --icl-demos 12"):
+        rundir.check_seeds(seeds, dataclasses.replace(CFG, icl_demos=12))
+
+
+def test_dedup_scope(world):
+    seeds = [{"question": "how do I boil water at home", "answer": "x"}]
+    rice = "what is the best way to cook rice"
+    ans = [{"question": q, "answer": "a long enough answer for the filter", "demo_questions": []}
+           for q in ("how do I boil water at home", rice, rice)]
+    kept_all, drops = isara.filter_answers(ans, [seeds], 1, CFG)
+    assert [k["question"] for k in kept_all] == ["what is the best way to cook rice"] and drops["duplicate"] == 2
+    kept_it, drops = isara.filter_answers(ans, [seeds], 1, dataclasses.replace(CFG, dedup="iteration"))
+    assert len(kept_it) == 2 and drops["duplicate"] == 1  # a seed's copy is kept; a repeat in the iteration is not
+
+
+def test_resolve_command_line_default_value_overrides_preset(monkeypatch, tmp_path):
+    from selfalign_jax import cli
+
+    fast = rundir.load_config("fast")
+    assert fast.answer_gen.temperature == 0.7
+    given = rundir.given_fields(["run", "--config", "fast", "--answer-gen.temperature", "1.0", "--seed=0",
+                                 "--sft.no-remat", "--model", "m"])
+    assert given == {"answer_gen.temperature", "seed", "sft.remat"}
+    assert rundir.resolve(IsaraConfig(), "fast", given=given).answer_gen.temperature == 1.0
+    assert rundir.resolve(IsaraConfig(), "fast", given=set()).answer_gen.temperature == 0.7
+    assert rundir.resolve(IsaraConfig(), "fast").answer_gen.temperature == 0.7  # no command line: by value
+    # through the CLI
+    got = {}
+
+    def fake_run(model, seeds, run_dir, cfg, *a, **k):
+        got["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(rundir, "run", fake_run)
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"question": f"q {i}", "answer": "a"}) + "\n"
+                                              for i in range(8)))
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--model", str(tmp_path), "--seeds", str(tmp_path / "s.jsonl"), "--run-dir",
+                  str(tmp_path / "r"), "--config", "fast", "--answer-gen.temperature", "1.0"])
+    assert got["cfg"].answer_gen.temperature == 1.0 and got["cfg"].question_gen.temperature == 0.8
+
+
+def test_raising_iterations_continues_a_finished_run(world, reference_run, tmp_path):
+    d, seeds, evals, scorer = world
+    ref, ref_rows = reference_run
+    run = tmp_path / "ext"
+    shutil.copytree(ref, run)
+    before = _files(run)
+    rows = rundir.run(d / "model", seeds, run, dataclasses.replace(CFG, iterations=3), evals, scorer)
+    assert [r["row"] for r in rows] == ["pretrained", "isara_it1", "isara_it2", "isara_it3"]
+    assert rows[:3] == ref_rows and not list(run.glob("superseded-*"))
+    after = _files(run)
+    assert all(after[k] == v for k, v in before.items() if k not in ("metrics.jsonl",))
+    q3 = fileio.read_jsonl(run / "iter_3" / "questions.jsonl")
+    assert all(r["n_demos"] <= 4 for r in q3)
+    assert json.loads((run / "config.json").read_text())["isara"]["iterations"] == 3
+    with pytest.raises(UserError, match="different config"):  # fewer iterations is another run
+        rundir.run(d / "model", seeds, run, dataclasses.replace(CFG, iterations=1), evals, scorer)

@@ -128,6 +128,67 @@ def test_schedule_warmup_and_cosine():
     np.testing.assert_allclose([float(f(s)) for s in (0, 5, 10, 55, 100)], [0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
 
 
+def test_warmup_is_floor_as_the_authors():
+    """safe-rlhf: num_warmup_steps = int(0.03 * total): a 2-step SFT (64 seeds, batch 32) has no warm-up, so its
+    updates run at (1.0, 0.5) x peak under cosine (ceil would give (0, 1.0): a wasted lr-0 first step)."""
+    tc = train.TrainConfig(lr=2.0, warmup_ratio=0.03)
+    assert [train.warmup_steps(tc, n) for n in (2, 12, 33, 34, 100, 101)] == [0, 0, 0, 1, 3, 3]
+    f = train.lr_schedule(tc, 2)
+    np.testing.assert_allclose([float(f(s)) for s in (0, 1)], [2.0, 1.0], atol=1e-6)
+    f = train.lr_schedule(tc, 100)  # 3 warm-up steps, then cosine over the other 97
+    np.testing.assert_allclose([float(f(s)) for s in (0, 1, 3)], [0.0, 2 / 3, 2.0], atol=1e-6)
+    assert float(f(50)) == pytest.approx(1.0 + np.cos(np.pi * 47 / 97), abs=1e-5)
+
+
+def test_plan_epoch_random_composition_and_opt_in_grouping():
+    """Default: uniformly random rows per step (seeds and generated pairs mix); group_lengths: length-sorted steps."""
+    lengths = np.array([10] * 64 + [100] * 64)
+    rand = batching.plan_epoch(lengths, 32, seed=1, epoch=0)
+    grouped = batching.plan_epoch(lengths, 32, seed=1, epoch=0, group_lengths=True)
+    for plan in (rand, grouped):
+        assert sorted(np.concatenate(plan).tolist()) == list(range(128)) and len(plan) == 4
+    assert all(len(set(lengths[b])) == 1 for b in grouped)
+    long_per_step = [int((lengths[b] == 100).sum()) for b in rand]
+    assert all(5 < n < 27 for n in long_per_step), long_per_step  # binomial(32, 1/2) mixes, p(fail) < 1e-3
+    assert [x.tolist() for x in rand] == [x.tolist() for x in batching.plan_epoch(lengths, 32, seed=1, epoch=0)]
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_sequence_loss_norm_equals_direct_computation(base, streams):
+    """loss_norm="sequence" (safe-rlhf): per row sum(w * nll) / (micro-batch padded length), mean over the micro-batch's
+    rows, mean over micro-batches; checked (loss and gradient norm) against a direct computation on plain logits,
+    with 11 examples in 2 x 6 rows (one empty row) and both stream counts."""
+    path, _, tok = base
+    cfg, params = C.load(path, dtype="float32")
+    enc = batching.encode_pairs(_pairs(11, seed=4), tok, max_length=32)
+    batch = batching.make_batch(enc, np.arange(11), 2, 6, 32, bucket=8)
+    tc = train.TrainConfig(lr=1e-3, batch_size=6, grad_accum=2, max_length=32, warmup_ratio=0.0, streams=streams,
+                           loss_norm="sequence")
+
+    def direct(p):
+        per_mb = []
+        for a in range(2):
+            mb = jax.tree.map(lambda x: x[a], batch)
+            h = M.apply(p, cfg, mb["tokens"], mb["pos"])[0]
+            lg = M.logits(p, cfg, h)
+            nll = jax.nn.logsumexp(lg, -1) - jax.numpy.take_along_axis(lg, mb["targets"][..., None], -1)[..., 0]
+            n = (mb["pos"] >= 0).sum(-1)
+            rows = [(nll[r] * mb["weights"][r]).sum() / n.max() for r in range(6) if n[r] > 0]
+            per_mb.append(sum(rows) / len(rows))
+        return sum(per_mb) / 2
+
+    want, g = jax.value_and_grad(direct)(params)
+    tr = train.Trainer(cfg, tc, total_steps=4)
+    state, frozen = tr.init_state(params)
+    _, m = tr.step(state, frozen, batch)
+    assert float(m["loss"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(m["grad_norm"]) == pytest.approx(float(np.sqrt(sum((np.asarray(x) ** 2).sum()
+                                                                    for x in jax.tree.leaves(g)))), rel=1e-4)
+    tok_mean = train.Trainer(cfg, dataclasses.replace(tc, loss_norm="token"), total_steps=4)
+    st2, fr2 = tok_mean.init_state(params)
+    assert abs(float(tok_mean.step(st2, fr2, batch)[1]["loss"]) - float(want)) > 1e-3  # the two norms differ
+
+
 # ------------------------------------------------------------------------------------------ loss
 def test_loss_equals_transformers_loss_with_prompt_masked(base):
     """Our token-weighted loss == HF's loss with labels -100 on the prompt: prompt tokens add nothing."""

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from selfalign_jax import config as settings
 from selfalign_jax.config import IsaraConfig
 
 
@@ -33,7 +34,7 @@ def main(kind: Literal["pretrained", "sft", "icl-knn", "icl-random", "one-round"
     from selfalign_jax.data import read_eval, read_samples
     from selfalign_jax.evaluate import get_scorer
 
-    c = rundir.resolve(cfg, config, max_new_tokens)
+    c = rundir.resolve(cfg, config, max_new_tokens, given=rundir.given_fields(settings.COMMAND_LINE))
     rows = rundir.baseline(kind, model, [s.to_dict() for s in read_samples(seeds)], run_dir, c,
                              read_eval(eval), get_scorer(scorer, model=model), force)
     from selfalign_jax.report import table

@@ -5,6 +5,7 @@ from typing import Annotated
 
 import tyro
 
+from selfalign_jax import config as settings
 from selfalign_jax.config import IsaraConfig
 
 
@@ -28,7 +29,7 @@ def main(model: Path, seeds: Path, run_dir: Path, eval: Path | None = None, scor
     from selfalign_jax.evaluate import get_scorer
     from selfalign_jax.errors import UserError
 
-    c = rundir.resolve(cfg, config, max_new_tokens)
+    c = rundir.resolve(cfg, config, max_new_tokens, given=rundir.given_fields(settings.COMMAND_LINE))
     seed_rows = [s.to_dict() for s in read_samples(seeds)]
     eval_rows = read_eval(eval) if eval else None
     if eval_rows is not None and not scorer:
