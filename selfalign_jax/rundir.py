@@ -212,7 +212,8 @@ class RunDir:
         if c.embedder == "lm":
             return embed.LMEmbedder(self.base.model)
         if c.embedder == "encoder" and not c.encoder:
-            raise UserError("--embedder encoder needs --encoder DIR (a local sentence-encoder directory)")
+            raise UserError("--embedder encoder (the paper preset's default) needs --encoder DIR (a local "
+                            "sentence-encoder directory, e.g. all-MiniLM-L6-v2), or choose --embedder lm|hashing")
         return embed.get_embedder(c.embedder, model=c.encoder)
 
     def index(self, j: int, pool: list[dict], embedder):
