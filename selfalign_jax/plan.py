@@ -320,10 +320,12 @@ def train_advice(cfg: M.Config, ts: TrainSettings, mesh: dict, hbm_gib: float, l
                 ([f"--lora-rank {lora_rank}"] if lo else [])
         note = ""
         if ba:
-            best = max_train_batch(cfg, t2, mm, hbm_gib)
+            best = max_train_batch(cfg, dataclasses.replace(t2, grad_accum=max(2, ts.grad_accum)), mm, hbm_gib)
             if not best or best >= ts.batch_size:
                 continue
-            acc = -(-ts.batch_size * ts.grad_accum // best)
+            eff, step = ts.batch_size * ts.grad_accum, full_mesh(mm)["data"] * full_mesh(mm)["fsdp"]
+            best = next((b for b in range(best, 0, -step) if eff % b == 0), best)  # the same effective batch
+            acc = -(-eff // best)
             t2 = dataclasses.replace(t2, batch_size=best, grad_accum=acc)
             flags.append(f"--batch-size {best}")
             note = f"--grad-accum {acc} keeps the effective batch; "
