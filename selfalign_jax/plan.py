@@ -35,9 +35,9 @@ Estimates (documented, not exact; what the jitted step keeps alive, read from tr
     dtype), the fp32 dh (E), the [E, V] transposed LM head (compute dtype) and its fp32 gradient
     carry, and one chunk of ~loss_chunk positions of fp32 logits (x3: logits, exp, dlogits);
     no [B, T, V] logits exist;
-  * generation working memory, per row: the prefill's fp32 scores and MLP activations of one chunk
-    of prompt tokens, or the decode step's fp32 logits (10 x V x 4), whichever is larger (the same
-    formula as sampling.auto_batch_size).
+  * generation: the cache holds the sampler's padded lengths (`cache_lengths`); working memory per
+    row is the prefill's fp32 scores and MLP activations of one chunk of prompt tokens, or the decode
+    step's fp32 logits (10 x V x 4), whichever is larger (the formula of sampling.auto_batch_size).
 A run fits when the total is under `HEADROOM` x hbm (XLA's scratch, fragmentation, the runtime).
 """
 
@@ -56,7 +56,7 @@ HEADROOM = 0.9  # share of the HBM a plan may use
 GIB = 1 << 30
 OPT_SCALARS = 8  # optax AdamW: int32 count of scale_by_adam + int32 count of the lr schedule
 QUERY_BLOCK = M.QUERY_BLOCK
-PREFILL_CHUNK = 256  # prompt tokens per prefill chunk assumed by the generation estimate
+PREFILL_CHUNK = 512  # prompt tokens per prefill step (sampling.PREFILL_CHUNK today)
 MAX_SEARCH = 1 << 14  # largest batch the fit search tries
 
 
@@ -207,15 +207,29 @@ def train_bytes(cfg: M.Config, ts: TrainSettings, mesh: dict | None = None) -> d
 
 
 # ------------------------------------------------------------------------------------ generation
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def cache_lengths(prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt slots, new-token slots) of the sampler's cache: the prompt but its last token padded to
+    a power of two from 16 to 512 then to a multiple of 256, the new tokens to a power of two >= 16
+    (sampling.prompt_bucket / new_tokens_bucket today)."""
+    n = max(1, prompt_len - 1)
+    tp = max(16, _pow2(n)) if n <= 512 else -(-n // 256) * 256
+    return tp, max(16, _pow2(max_new_tokens))
+
+
 def gen_bytes(cfg: M.Config, gs: GenSettings, mesh: dict | None = None) -> dict[str, int]:
     """Bytes per device of sampling a batch (parameters, KV cache, working memory)."""
     m = full_mesh(mesh)
     rows = -(-gs.batch_size // (m["data"] * m["fsdp"]))
-    S = gs.prompt_len + gs.max_new_tokens
+    Tp, Tn = cache_lengths(gs.prompt_len, gs.max_new_tokens)
+    S = Tp + Tn
     t = m["tensor"]
     N = cfg.n_heads // _div(cfg.n_heads, t)
     F = cfg.intermediate // _div(cfg.intermediate, t)
-    C = min(PREFILL_CHUNK, max(1, gs.prompt_len))
+    C = Tp if Tp <= PREFILL_CHUNK else math.gcd(Tp, PREFILL_CHUNK)
     b = _isz(gs.dtype)
     prefill = C * (3 * N * S * 4 + (3 * F + 8 * cfg.hidden + 3 * N * cfg.head_dim) * b)
     decode = 10 * cfg.vocab_size * 4 + 3 * N * S * 4

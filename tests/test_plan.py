@@ -223,3 +223,4 @@ def test_presets_fit_their_machines():
                            max_new_tokens=max(pre.question_gen.max_new_tokens, pre.answer_gen.max_new_tokens))
         assert P.train_advice(LLAMA_1B, ts, mesh, hbm) is None, name
         assert P.gen_advice(LLAMA_1B, gs, mesh, hbm) is None, name
+        assert P.gen_advice(LLAMA_1B, gs, {"data": 1}, hbm) is None, name  # today's sampler: one device
