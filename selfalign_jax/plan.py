@@ -58,6 +58,7 @@ OPT_SCALARS = 8  # optax AdamW: int32 count of scale_by_adam + int32 count of th
 QUERY_BLOCK = M.QUERY_BLOCK
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (sampling.PREFILL_CHUNK today)
 MAX_SEARCH = 1 << 14  # largest batch the fit search tries
+RULES = M.ShardingRules()  # the trainer's default placement
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -103,7 +104,7 @@ def _fake_mesh(mesh: dict):
     return types.SimpleNamespace(shape=full_mesh(mesh))
 
 
-def shard_shape(spec: M.Spec, mesh: dict, rules: M.ShardingRules = M.ShardingRules()) -> tuple[int, ...]:
+def shard_shape(spec: M.Spec, mesh: dict, rules: M.ShardingRules = RULES) -> tuple[int, ...]:
     """The per-device shape of one array (as NamedSharding.shard_shape would give)."""
     sizes = full_mesh(mesh)
     ps = M.logical_to_pspec(spec.axes, spec.shape, _fake_mesh(mesh), rules)
@@ -114,7 +115,7 @@ def shard_shape(spec: M.Spec, mesh: dict, rules: M.ShardingRules = M.ShardingRul
     return tuple(out)
 
 
-def spec_bytes(specs, dtype, mesh: dict | None = None, rules: M.ShardingRules = M.ShardingRules()) -> int:
+def spec_bytes(specs, dtype, mesh: dict | None = None, rules: M.ShardingRules = RULES) -> int:
     """Bytes per device of a tree of Specs stored in `dtype` (mesh None: one device)."""
     isz = _isz(dtype)
     total = 0
@@ -406,13 +407,13 @@ def table(p: dict) -> str:
     t, g = p["train"], p["generate"]
     ts, gs = p["train_settings"], p["gen_settings"]
     md = p["model"]
-    lines = [f"model: {md['family']}, {md['parameters'] / 1e9:.3f} B parameters, {md['layers']} layers, "
-             f"hidden {md['hidden']}, heads {md['heads']}/{md['kv_heads']}, vocab {md['vocab']}",
-             f"mesh: {_mesh_str(p['mesh'])} ({p['devices']} device(s)); HBM {p['hbm_gib']:g} GiB per device, "
-             f"{p['usable_bytes'] / GIB:.2f} GiB usable ({HEADROOM:.0%})",
-             f"SFT step: micro-batch {ts['batch_size']} x {ts['max_length']} tokens, {ts['dtype']}, "
-             f"{'LoRA rank %d' % ts['lora_rank'] if ts['lora_rank'] else 'full fine-tune'}, "
-             f"remat {'on' if ts['remat'] else 'off'}          GiB per device"]
+    kind = f"LoRA rank {ts['lora_rank']}" if ts["lora_rank"] else "full fine-tune"
+    lines = [(f"model: {md['family']}, {md['parameters'] / 1e9:.3f} B parameters, {md['layers']} layers, "
+              f"hidden {md['hidden']}, heads {md['heads']}/{md['kv_heads']}, vocab {md['vocab']}"),
+             (f"mesh: {_mesh_str(p['mesh'])} ({p['devices']} device(s)); HBM {p['hbm_gib']:g} GiB per device, "
+              f"{p['usable_bytes'] / GIB:.2f} GiB usable ({HEADROOM:.0%})"),
+             (f"SFT step: micro-batch {ts['batch_size']} x {ts['max_length']} tokens, {ts['dtype']}, {kind}, "
+              f"remat {'on' if ts['remat'] else 'off'}          GiB per device")]
     for k, name in (("params", "parameters"), ("lora", "LoRA adapters"), ("optimizer", "optimizer (AdamW fp32)"),
                     ("gradients", "gradients (fp32)"), ("work", "compute copy / merged"),
                     ("activations_no_remat", "activations, no remat"), ("activations_remat", "activations, remat"),
