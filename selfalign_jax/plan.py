@@ -26,8 +26,13 @@ Estimates (documented, not exact; what the jitted step keeps alive, read from tr
   * activations, per layer and per token of a micro-batch row, kept for the backward pass without
     remat: the block input and the residual after attention (2D), the two norm outputs (2D) and, in
     bf16, their fp32 upcasts (2D x 4 bytes), q/k/v after RoPE (NH + 2KH), the attention output
-    (NH), the fp32 softmax probabilities of the blocked causal attention (N x ~T/2 per token, plus
-    their compute-dtype cast in bf16), and the MLP's gate/up/act/product (4F, 2F without GLU).
+    (NH), score-sized fp32 arrays of the blocked causal attention (N x ~T/2 per token each, plus
+    the probabilities' compute-dtype cast in bf16), and the MLP's gate/up/act/product (4F, 2F without
+    GLU). SCORE_COPIES = 5 such arrays, not just the probabilities, is what XLA:CPU keeps: its
+    memory_analysis of the fp32 train step (llama, D=512, 8/4 heads, F=1536, V=8192; 2 and 4 layers)
+    gives temporaries of 211 / 334 MiB at 4 x 256 tokens and 851 / 1571 MiB at 8 x 512, against
+    268 / 418 and 824 / 1512 MiB predicted (gradients + activations + loss). XLA:CPU did not shrink
+    its temporaries with remat (measured: 244 vs 266 MiB); on TPU / GPU that is unmeasured.
     Head and MLP widths are divided by tensor when they divide; rows by data x fsdp.
     With remat only each block's input (D) is kept per layer, plus one layer's full set while
     it is recomputed;
@@ -59,6 +64,7 @@ QUERY_BLOCK = M.QUERY_BLOCK
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (sampling.PREFILL_CHUNK today)
 MAX_SEARCH = 1 << 14  # largest batch the fit search tries
 RULES = M.ShardingRules()  # the trainer's default placement
+SCORE_COPIES = 5  # fp32 score-sized arrays kept per attention block (calibrated on XLA:CPU, see module doc)
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -154,7 +160,7 @@ def _act_per_token_layer(cfg: M.Config, T: int, dtype: str, tensor: int) -> int:
     F = F // _div(F, tensor)
     up32 = 0 if b == 4 else 2 * D * 4
     keys = min(T, (T + QUERY_BLOCK) // 2)  # blocked causal attention: ~half the keys per query
-    probs = N * keys * (4 + (0 if b == 4 else b))
+    probs = N * keys * (SCORE_COPIES * 4 + (0 if b == 4 else b))
     mlp = (4 if cfg.glu else 2) * F
     return 4 * D * b + up32 + (2 * N * H + 2 * K * H + mlp) * b + probs
 
