@@ -10,8 +10,8 @@ Exact figures (checked against materialised arrays in tests/test_plan.py):
     the frozen base in the compute dtype under LoRA, the generation dtype for sampling;
   * LoRA adapters (`lora.lora_specs`, fp32, sharded the same way);
   * AdamW state: mu and nu in fp32 with the sharding of the trainable arrays (optax keeps the moments
-    in the parameters' dtype, which is fp32 for masters and adapters) + two int32 step counters
-    (scale_by_adam and the learning-rate schedule);
+    in the parameters' dtype, which is fp32 for masters and adapters) + at most two int32 step
+    counters (OPT_SCALARS);
   * KV cache (`model.init_cache`): per layer keys [B, K, H, S] and values [B, K, S, H] in the cache
     dtype, plus the int32 positions [B, S] and the int32 end; per device the batch is split over
     data x fsdp and the kv heads over tensor when they divide.
@@ -59,7 +59,7 @@ from selfalign_jax import model as M
 
 HEADROOM = 0.9  # share of the HBM a plan may use
 GIB = 1 << 30
-OPT_SCALARS = 8  # optax AdamW: int32 count of scale_by_adam + int32 count of the lr schedule
+OPT_SCALARS = 8  # optax's int32 counters: scale_by_adam's (+ the lr schedule's where optax holds it)
 QUERY_BLOCK = M.QUERY_BLOCK
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (sampling.PREFILL_CHUNK today)
 MAX_SEARCH = 1 << 14  # largest batch the fit search tries
