@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "baseline": "baseline",
     "eval": "evaluate",
     "demo": "demo",
+    "plan": "plan",
 }
 
 
