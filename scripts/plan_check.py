@@ -70,7 +70,7 @@ def main():
     if a.lora:
         frozen_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(a.dtype), sharding=sh),
                                   M.param_specs(cfg), tr.frozen_sh, is_leaf=M.is_spec)
-    ma = tr._step.lower(tr.abstract_state(), frozen_abs, abstract).compile().memory_analysis()
+    ma = tr.fns.step.lower(tr.abstract_state(), frozen_abs, abstract, tr.sched).compile().memory_analysis()
     mib = 1 << 20
     state = pb["params"] + pb["lora"] + pb["optimizer"]
     temp = pb["gradients"] + pb["work"] + pb["activations"] + pb["loss"]

@@ -220,10 +220,10 @@ def test_command_prints_json_and_exits_2_when_it_cannot_fit(tmp_path, capsys):
 
 def test_presets_fit_their_machines():
     """The shipped presets: the 1B-like model fits a v5e-8 and an 80 GB GPU with their settings."""
-    from selfalign_jax import isara
+    from selfalign_jax import rundir
 
     for name, mesh, hbm in (("tpu-v5e-8", {"fsdp": 8}, 16), ("gpu-80gb", {"data": 1}, 80)):
-        pre = isara.load_config(ROOT / "configs" / f"{name}.json")
+        pre = rundir.load_config(ROOT / "configs" / f"{name}.json")
         s = pre.sft
         ts = P.TrainSettings(batch_size=s.batch_size // s.grad_accum, max_length=s.max_length, dtype="bfloat16",
                              lora_rank=s.lora_rank, remat=s.remat, grad_accum=s.grad_accum)
