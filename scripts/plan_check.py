@@ -77,7 +77,8 @@ def main():
     dev = jax.devices()[0]
     print(f"{dev.platform} {dev.device_kind}, mesh {sizes}, {cfg.n_layers} layers, D={cfg.hidden}, V={cfg.vocab_size}, "
           f"batch {a.batch} x {a.length}, {a.dtype}, remat {a.remat}, LoRA {a.lora}")
-    print(f"  state (arguments, with the frozen base under LoRA): plan {state / mib:.1f} MiB, XLA {ma.argument_size_in_bytes / mib:.1f} MiB")
+    print(f"  state (arguments, with the frozen base under LoRA): plan {state / mib:.1f} MiB, "
+          f"XLA {ma.argument_size_in_bytes / mib:.1f} MiB")
     print(f"  temporaries:       plan {temp / mib:.1f} MiB, XLA {ma.temp_size_in_bytes / mib:.1f} MiB "
           f"(ratio {ma.temp_size_in_bytes / max(temp, 1):.2f})")
     if a.run or dev.platform != "cpu":
