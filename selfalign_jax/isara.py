@@ -37,7 +37,8 @@ STAGES = {"questions": 1, "answers": 2, "filter": 3, "sft": 4, "eval": 5, "icl":
 # -------------------------------------------------------------------------------------- configs
 @dataclasses.dataclass(frozen=True)
 class GenConfig:
-    """Sampling settings of one generation step (temperature 0 = greedy)."""
+    """Sampling settings of one generation step (temperature 0 = greedy). num_beams > 1: beam search, or
+    beam-sample with do_sample (transformers' semantics, selfalign_jax/beam.py)."""
 
     max_new_tokens: int = 100
     temperature: float = 1.0
@@ -45,6 +46,11 @@ class GenConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram: int = 0
+    num_beams: int = 1
+    do_sample: bool = True  # with num_beams > 1: beam-sample (True) or beam search (False)
+    length_penalty: float = 1.0  # beams: a hypothesis scores sum log-prob / length ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # beams: transformers' early_stopping
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # beams: (start, factor) raises EOS after start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,14 +191,18 @@ class Model:
 def generate(model: Model, prompts: list[str], gen: GenConfig, key, batch_size=None,
              desc: str = "generate") -> list[str]:
     """Completions of `prompts` (text after the prompt, cut at the first template marker)."""
-    from selfalign_jax import sampling
+    from selfalign_jax import beam
 
-    log(f"{desc}: {len(prompts)} prompts, up to {gen.max_new_tokens} new tokens")
-    res = sampling.generate(model.params, model.cfg, model.tokenizer, prompts,
-                            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                            top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
-                            no_repeat_ngram=gen.no_repeat_ngram, stop=MARKERS, key=key,
-                            batch_size=batch_size, progress=True)
+    log(f"{desc}: {len(prompts)} prompts, up to {gen.max_new_tokens} new tokens"
+        + (f", {gen.num_beams} beams" if gen.num_beams > 1 else ""))
+    res = beam.generate(model.params, model.cfg, model.tokenizer, prompts,
+                        max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                        top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
+                        no_repeat_ngram=gen.no_repeat_ngram, stop=MARKERS, key=key,
+                        batch_size=batch_size, progress=True, num_beams=gen.num_beams,
+                        do_sample=gen.do_sample or gen.num_beams == 1, length_penalty=gen.length_penalty,
+                        early_stopping=gen.early_stopping,
+                        exponential_decay_length_penalty=gen.exponential_decay_length_penalty)
     return [cut(r.text) for r in res]
 
 

@@ -106,3 +106,26 @@ def test_bad_arguments(models):
                     (dict(num_beams=2, do_sample=True, temperature=0.0), "temperature")):
         with pytest.raises(UserError, match=msg):
             beam.generate(params, cfg, tok, PROMPTS, **kw)
+
+
+def test_cli_generate_beams_and_paper_preset(models, tmp_path):
+    import json
+
+    from selfalign_jax import isara
+    from selfalign_jax.commands import generate as cmd
+
+    path = tmp_path / "m"
+    fx.make_model("llama", path)
+    _, cfg, params, tok = models("llama")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    cmd.main(model=path, prompts=inp, out=out, max_new_tokens=NEW, no_stop=True, num_beams=4, length_penalty=2.0,
+             early_stopping="never", mesh="data=1")
+    ref = beam.generate(params, cfg, tok, PROMPTS, num_beams=4, max_new_tokens=NEW, stop=(), length_penalty=2.0,
+                        early_stopping="never")
+    assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == [r.text for r in ref]
+    c = isara.load_config("paper")
+    for g, decay in ((c.question_gen, [15, 1.6]), (c.answer_gen, [30, 1.05])):
+        assert (g.num_beams, g.do_sample, g.top_k, g.temperature) == (5, True, 50, 1.0)
+        assert list(g.exponential_decay_length_penalty) == decay
+    assert c.question_gen.length_penalty == 2.0
