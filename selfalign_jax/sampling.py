@@ -73,6 +73,7 @@ import collections
 import dataclasses
 import functools
 import math
+import time
 from typing import Sequence
 
 import jax
@@ -85,6 +86,7 @@ from selfalign_jax.errors import UserError
 from selfalign_jax.template import MARKERS
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (compiled)
+PROFILE: collections.Counter | None = None  # set to a Counter: seconds spent in prefill / decode (blocking)
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (bounds the attention-score memory)
 PROMPT_TAIL = 8  # prompt tokens decoded with the completion so its first word decodes as in context
 
@@ -672,6 +674,16 @@ class _Job:
                 stopped[r] = True
 
 
+def _timed(phase: str, fn):
+    """fn(); with PROFILE set, waits for its result and adds the seconds to PROFILE[phase]."""
+    if PROFILE is None:
+        return fn()
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    PROFILE[phase] += time.perf_counter() - t
+    return out
+
+
 def _batch_rows(n: int, cap: int, mult: int) -> int:
     """Rows of a batch for n prompts: a power of two (at most cap), a multiple of the mesh's row count."""
     B = _pow2(n) if _pow2(n) <= cap else cap
@@ -800,11 +812,12 @@ def _run_batch(job: _Job, idx, B, spare) -> list[Result]:
     spare.clear()
     if cache is None:
         cache = _init_cache(cfg=job.cfg, B=B, S=Tp + Tn, place=job.place)
-    st = _prefill(job.params, cache, tokens, lens, keys, limit, temp, topk, topp, pen, cfg=job.cfg, place=job.place)
+    st = _timed("prefill", lambda: _prefill(job.params, cache, tokens, lens, keys, limit, temp, topk, topp, pen,
+                                             cfg=job.cfg, place=job.place))
     stopped = np.zeros((B,), bool)
     while True:
         until = min(int(st.step) + job.every, Tn) if job.stop else Tn
-        st = _decode(job.params, st, np.int32(until), _put(stopped, job.place), **job.kw())
+        st = _timed("decode", lambda: _decode(job.params, st, np.int32(until), _put(stopped, job.place), **job.kw()))
         out, length, done, step = jax.device_get((st.out, st.length, st.done, st.step))
         if job.stop:
             job.check_stops({r: i for r, i in enumerate(idx) if not done[r]}, out, length, stopped)
@@ -840,7 +853,8 @@ def _run_continuous(job: _Job, order, B, done) -> None:
             R = min(B, -(-_pow2(len(take)) // mult) * mult)
             rows = free[:len(take)]
             slots = _put(np.array(rows + [B] * (R - len(take)), np.int32), job.place)
-            st = _insert(job.params, st, *_with_slots(job.rows(take, R), slots), cfg=job.cfg, place=job.place)
+            st = _timed("prefill", lambda: _insert(job.params, st, *_with_slots(job.rows(take, R), slots), cfg=job.cfg,
+                                                   place=job.place))
             for r, i in zip(rows, take):
                 slot[r] = i
                 stopped[r] = False
@@ -848,7 +862,8 @@ def _run_continuous(job: _Job, order, B, done) -> None:
             break
         until = int(st.step) + job.every if job.stop else np.iinfo(np.int32).max
         want = 1 if pending else B + 1
-        st = _decode(job.params, st, np.int32(until), _put(stopped, job.place), np.int32(want), **job.kw())
+        st = _timed("decode", lambda: _decode(job.params, st, np.int32(until), _put(stopped, job.place), np.int32(want),
+                                              **job.kw()))
         out, length, fin = jax.device_get((st.out, st.length, st.done))
         if job.stop:
             job.check_stops({r: i for r, i in slot.items() if not fin[r]}, out, length, stopped)
