@@ -4,7 +4,7 @@ API
     generate(params, cfg, tokenizer, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
              repetition_penalty=1.0, no_repeat_ngram=0, stop=MARKERS, seed=0, key=None, batch_size=None,
              memory_budget=None, chat_template=False, truncate="left", ignore_eos=False,
-             stop_check_every=8, progress=False, in_out_weights=None) -> list[Result]
+             stop_check_every=8, progress=False, in_out_weights=None, mesh=None, continuous=False) -> list[Result]
         prompts: strings (tokenized as the tokenizer does by default, so with BOS if it adds one; no chat
         template unless chat_template=True) or lists of token ids (used as given).
         temperature / top_k / top_p / repetition_penalty: a scalar or one value per prompt; they are traced
@@ -12,6 +12,14 @@ API
         top_p 1 = off; repetition_penalty 1 = off; no_repeat_ngram 0 = off (static: one compile per size).
         stop: stop strings (default: the ISARA template markers BEGIN, END, USER, ASSISTANT; () for none).
         EOS ids: cfg.eos_ids plus tokenizer.eos_token_id (ignore_eos=True: generate max_new_tokens always).
+        max_new_tokens: a scalar or one limit per prompt.
+        mesh: a ('data', 'fsdp', 'tensor') Mesh (mesh.make_mesh, the same --mesh as training) or None (one
+        device). Parameters are placed by the model's sharding rules (`sharding_rules`: tensor parallel over whole
+        query / KV heads and the MLP, heads replicated when the tensor axis does not divide their count, embed
+        over fsdp); batch rows over data x fsdp (batch sizes are rounded up to a multiple of data x fsdp; the
+        default batch size is per data x fsdp shard); the KV cache rows likewise, its KV heads over tensor when
+        the parameters' are. Results are gathered for the host. Single-process (one host) meshes.
+        continuous: continuous batching (see below) instead of static batches; greedy output is identical.
     Result(text, token_ids, logprobs, finish_reason, prompt_tokens, truncated)
         text: the completion (text after the prompt, special tokens removed, cut before the first stop
         string, not stripped); token_ids: the generated ids, through the EOS or the token that completed the
@@ -22,7 +30,7 @@ API
     auto_batch_size(cfg, prompt_len, max_new_tokens, budget_bytes=None) -> int
     sample_logits / warp_logits / repetition_penalty / ngram_ban: the token-choice pieces on their own.
     TRACES: Counter of how often each jitted function was traced (= compiled); tests count compiles with it.
-    Beam search (the paper's beam-sample) is not provided.
+    Beam search and beam-sample (the paper's decoding): selfalign_jax/beam.py.
 
 Semantics (those of transformers' logits processors, applied in this order)
     repetition penalty (RepetitionPenaltyLogitsProcessor: a logit of a token present in prompt + generated
@@ -51,6 +59,17 @@ How it runs
     logits, processors, choice, in-place cache update) with per-row done flags (EOS, max_new_tokens, context
     length) that exits when every row is done. Results come back in input order. On CPU the weights are
     used through a transient [in, out] copy (model.inference_layout: ~20% faster small-batch matmuls).
+
+Continuous batching (continuous=True)
+    A fixed number of slots (batch_size rows) and one cache of S = Tp_max + Tn slots (the longest prompt's and
+    the largest limit's buckets). Whenever rows end (EOS, limit, stop string) the decode loop returns (it exits
+    as soon as one more row is done while prompts are pending), their results are taken, and the next pending
+    prompts (longest first) are prefilled into those rows (`_insert`: R rows at a time, R a power of two) and
+    decoding goes on until the queue is empty. The cache is a ring: every row writes its next token at the slot
+    `end` (mod S), and a new prompt's keys go to the Tp slots before `end`, i.e. the static layout rotated;
+    attention is by position, so each row computes what it would alone (the rotation only reorders a sum).
+    Compiles: one decode, one insertion per (R, prompt bucket); inserting never recompiles. A row's t-th token
+    uses fold_in(row key, t) as in static batching, so the output for a key does not depend on the slot.
 
 Stop strings
     Token-level matching inside the loop cannot be exact for every tokenizer (a marker may span several
