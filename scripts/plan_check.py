@@ -70,14 +70,15 @@ def main():
     if a.lora:
         frozen_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(a.dtype), sharding=sh),
                                   M.param_specs(cfg), tr.frozen_sh, is_leaf=M.is_spec)
-    ma = tr._step.lower(tr.abstract_state(), frozen_abs, abstract).compile().memory_analysis()
+    ma = tr.fns.step.lower(tr.abstract_state(), frozen_abs, abstract, tr.sched).compile().memory_analysis()
     mib = 1 << 20
     state = pb["params"] + pb["lora"] + pb["optimizer"]
     temp = pb["gradients"] + pb["work"] + pb["activations"] + pb["loss"]
     dev = jax.devices()[0]
     print(f"{dev.platform} {dev.device_kind}, mesh {sizes}, {cfg.n_layers} layers, D={cfg.hidden}, V={cfg.vocab_size}, "
           f"batch {a.batch} x {a.length}, {a.dtype}, remat {a.remat}, LoRA {a.lora}")
-    print(f"  state (arguments, with the frozen base under LoRA): plan {state / mib:.1f} MiB, XLA {ma.argument_size_in_bytes / mib:.1f} MiB")
+    print(f"  state (arguments, with the frozen base under LoRA): plan {state / mib:.1f} MiB, "
+          f"XLA {ma.argument_size_in_bytes / mib:.1f} MiB")
     print(f"  temporaries:       plan {temp / mib:.1f} MiB, XLA {ma.temp_size_in_bytes / mib:.1f} MiB "
           f"(ratio {ma.temp_size_in_bytes / max(temp, 1):.2f})")
     if a.run or dev.platform != "cpu":

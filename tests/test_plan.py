@@ -133,7 +133,8 @@ def test_per_device_figures_on_eight_cpu_devices(tmp_path):
         print(json.dumps(out))
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                       check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(rows) == 3
@@ -155,11 +156,13 @@ def test_activations_remat_and_batch_search():
     assert b["params"] == a["params"] and b["optimizer"] == a["optimizer"]
     best = P.max_train_batch(cfg, ts, mesh, 4.0)
     assert best > 0 and best % 4 == 0
-    fits = lambda n: P.train_bytes(cfg, dataclasses.replace(ts, batch_size=n), mesh)["total"] <= P.usable(4.0)
+    def fits(n):
+        return P.train_bytes(cfg, dataclasses.replace(ts, batch_size=n), mesh)["total"] <= P.usable(4.0)
     assert fits(best) and not fits(best + 4)
     gs = P.GenSettings(batch_size=8, prompt_len=256, max_new_tokens=64)
     g = P.max_gen_batch(cfg, gs, mesh, 4.0)
-    gfits = lambda n: P.gen_bytes(cfg, dataclasses.replace(gs, batch_size=n), mesh)["total"] <= P.usable(4.0)
+    def gfits(n):
+        return P.gen_bytes(cfg, dataclasses.replace(gs, batch_size=n), mesh)["total"] <= P.usable(4.0)
     assert g > 0 and gfits(g) and not gfits(g + 4)
 
 
@@ -220,10 +223,10 @@ def test_command_prints_json_and_exits_2_when_it_cannot_fit(tmp_path, capsys):
 
 def test_presets_fit_their_machines():
     """The shipped presets: the 1B-like model fits a v5e-8 and an 80 GB GPU with their settings."""
-    from selfalign_jax import isara
+    from selfalign_jax import rundir
 
     for name, mesh, hbm in (("tpu-v5e-8", {"fsdp": 8}, 16), ("gpu-80gb", {"data": 1}, 80)):
-        pre = isara.load_config(ROOT / "configs" / f"{name}.json")
+        pre = rundir.load_config(ROOT / "configs" / f"{name}.json")
         s = pre.sft
         ts = P.TrainSettings(batch_size=s.batch_size // s.grad_accum, max_length=s.max_length, dtype="bfloat16",
                              lora_rank=s.lora_rank, remat=s.remat, grad_accum=s.grad_accum)

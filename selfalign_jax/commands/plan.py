@@ -62,13 +62,13 @@ def main(
     """
     import jax
 
-    from selfalign_jax import checkpoint, isara
+    from selfalign_jax import checkpoint, rundir
     from selfalign_jax import mesh as MS
     from selfalign_jax import plan as P
     from selfalign_jax.errors import UserError
 
     raw = checkpoint.read_config(model)
-    pre = isara.load_config(config) if config is not None else None
+    pre = rundir.load_config(config) if config is not None else None
     s = pre.sft if pre else None
     hbm_note = "given"
     if hbm_gib is None:
