@@ -2,11 +2,11 @@
 
 An ISARA-like SFT set: 64 "seeds" of N(180, 50) tokens and 300 "generated" pairs of N(110, 30) tokens
 (clipped to [24, 512]; the answer is the last 40%), effective batch 32 (32 x 1), 64-token length buckets,
-a small random Llama (4 layers, hidden 256, vocab 32000, fp32). One epoch (12 steps) per mode
-(`plan_epoch(..., group_lengths=False|True)`), after an untimed epoch per mode that compiles every batch
-shape; the modes alternate for --rounds rounds. Reported per mode: median and spread of the epoch time,
-padded share of the input positions, and seeds per step. Timings are from whatever machine runs it (the
-development machine has 2 shared cores, so expect noise).
+a small random Llama (default 2 layers, hidden 128, vocab 8000, fp32; --layers / --hidden / --vocab).
+One epoch (12 steps) per mode (`plan_epoch(..., group_lengths=False|True)`), after an untimed epoch per
+mode that compiles every batch shape; the modes alternate for --rounds rounds. Reported per mode: median
+and spread of the epoch time, padded share of the input positions, and seeds per step. Timings are from
+whatever machine runs it (the development machine has 2 shared cores, so expect noise).
 
     python scripts/bench_batching.py [--rounds 3]
 
@@ -28,12 +28,12 @@ from selfalign_jax import batching, train  # noqa: E402
 from selfalign_jax import model as M  # noqa: E402
 
 
-def data(seed=0) -> tuple[batching.Encoded, np.ndarray]:
+def data(seed=0, vocab=8000) -> tuple[batching.Encoded, np.ndarray]:
     rng = np.random.default_rng(seed)
     lens = np.concatenate([rng.normal(180, 50, 64), rng.normal(110, 30, 300)]).clip(24, 512).astype(int)
     ids, masks = [], []
     for n in lens:
-        ids.append(rng.integers(3, 32000, n + 1).astype(np.int32))
+        ids.append(rng.integers(3, vocab, n + 1).astype(np.int32))
         m = np.zeros(n + 1, bool)
         m[int(0.6 * n):] = True
         masks.append(m)
@@ -43,11 +43,15 @@ def data(seed=0) -> tuple[batching.Encoded, np.ndarray]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=8000)
     a = ap.parse_args()
-    cfg = M.Config(family="llama", vocab_size=32000, hidden=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
-                   intermediate=704, max_pos=1024, dtype="float32")
+    cfg = M.Config(family="llama", vocab_size=a.vocab, hidden=a.hidden, n_layers=a.layers, n_heads=a.hidden // 64,
+                   n_kv_heads=max(1, a.hidden // 128), head_dim=64, intermediate=int(a.hidden * 2.75), max_pos=1024,
+                   dtype="float32")
     params = M.init_params(cfg, jax.random.key(0))
-    enc, is_seed = data()
+    enc, is_seed = data(vocab=a.vocab)
     tc = train.TrainConfig(lr=2e-5, batch_size=32, grad_accum=1, max_length=512, warmup_ratio=0.0)
     trainer = train.Trainer(cfg, tc, total_steps=10_000)
     state, frozen = trainer.init_state(params)
