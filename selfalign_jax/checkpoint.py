@@ -367,8 +367,11 @@ def _write_safetensors(path: Path, items: list[tuple[str, jax.Array]], dtype) ->
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        for _, x in items:
-            f.write(np.ascontiguousarray(np.asarray(jax.device_get(x)).astype(dtype)).tobytes())
+        for _, x in items:  # no copies beyond a cast: one tensor's bytes at a time
+            a = np.asarray(jax.device_get(x))
+            a = np.ascontiguousarray(a if a.dtype == np.dtype(dtype) else a.astype(dtype))
+            f.write(a.reshape(-1).view(np.uint8).data)
+            del a
 
 
 def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: str | None = None,
