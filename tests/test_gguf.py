@@ -16,11 +16,14 @@ from selfalign_jax.errors import UserError
 # tensor name fragment -> GGUF type (first match); the rest F32
 QTYPES = {"attn_q.": "Q8_0", "attn_k.": "Q4_0", "attn_v.": "Q5_0", "ffn_": "Q4_1", "token_embd": "F16",
           "output.weight": "Q8_0"}
-# transformers' GGUF config reader takes head_dim from Qwen3Config's default (128) and Gemma's
-# query_pre_attn_scalar from its default (256): the test models use those values
+# transformers' GGUF config reader takes head_dim from Qwen3Config's default (128), and Gemma's
+# query_pre_attn_scalar (256) and Gemma 2's soft-caps (50, 30) from the defaults: the test models use those
 CASES = {
     "llama": dict(),
     "qwen3": dict(head_dim=128),
+    "qwen2": dict(),
+    "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
     "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, layer_types=None,
                    rope_parameters=None, sliding_window=4),
 }
