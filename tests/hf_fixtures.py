@@ -203,6 +203,12 @@ def write_gguf(m, path, family: str, qtypes=None):
     w.add_pad_token_id(0)
     w.add_unk_token_id(3)
     w.add_chat_template(CHAT_TEMPLATE)
+    if rp.get("rope_type") == "llama3":  # llama.cpp: the per-frequency divisors as a tensor
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        H = head_dim
+        base = 1.0 / (rp["rope_theta"] ** (np.arange(0, H, 2, dtype=np.float64) / H))
+        scaled = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0].double().numpy()
+        w.add_tensor("rope_freqs.weight", (base / scaled).astype(np.float32))
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      c.num_hidden_layers)
     sd = m.state_dict()

@@ -152,3 +152,22 @@ def test_unsupported_quant_type_and_architecture(tmp_path):
     assert not out.exists()
     with pytest.raises(UserError, match="not found"):
         gguf_import.read(tmp_path / "absent.gguf")
+
+
+def test_llama3_rope_from_rope_freqs(tmp_path):
+    """llama.cpp stores Llama 3's RoPE scaling only as the rope_freqs tensor: the import recovers the
+    llama3 rope parameters from it (transformers' GGUF loader ignores it), giving the original logits."""
+    tm = fx.make_model("llama3", tmp_path / "hf", tokenizer=False)
+    path = fx.write_gguf(tm, tmp_path / "l3.gguf", "llama")
+    raw, cfg, _ = gguf_import.read(path)
+    ref_cfg = checkpoint.config_from_hf(fx.read_json(tmp_path / "hf" / "config.json"))
+    assert cfg.rope_type == "llama3"
+    for k in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_pos"):
+        assert getattr(cfg, k) == pytest.approx(getattr(ref_cfg, k), rel=1e-4), k
+    r = _cli("convert", "--model", str(path), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    cfg2, params = checkpoint.load(tmp_path / "out", dtype="float32")
+    tokens, valid = fx.left_padded_batch(seed=8)
+    ours = np.asarray(jax.jit(M.forward, static_argnums=1)(params, cfg2, tokens, M.positions(valid)))
+    err = np.abs(ours - fx.torch_logits(tm, tokens, valid))[valid].max()
+    assert err <= 1e-4, err
