@@ -45,6 +45,7 @@ class GenConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram: int = 0
+    penalize_prompt: bool = True  # False: penalty and n-gram ban over the generated tokens only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +193,7 @@ def generate(model: Model, prompts: list[str], gen: GenConfig, key, batch_size=N
                             max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                             top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
                             no_repeat_ngram=gen.no_repeat_ngram, stop=MARKERS, key=key,
+                            penalize_prompt=gen.penalize_prompt,
                             batch_size=batch_size, progress=True)
     return [cut(r.text) for r in res]
 

@@ -469,8 +469,11 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
              no_repeat_ngram: int = 0, stop: Sequence[str] = MARKERS, seed: int = 0, key=None,
              batch_size: int | None = None, memory_budget: int | None = None, chat_template: bool = False,
              truncate: str = "left", ignore_eos: bool = False, stop_check_every: int = 8,
-             progress: bool = False, in_out_weights: bool | None = None) -> list[Result]:
-    """Generate a completion for every prompt; results in input order (see the module docstring)."""
+             progress: bool = False, in_out_weights: bool | None = None,
+             penalize_prompt: bool = True) -> list[Result]:
+    """Generate a completion for every prompt; results in input order (see the module docstring).
+    penalize_prompt=False: the repetition penalty and the n-gram ban see the generated tokens only (HF
+    `generate`, the default, applies both to prompt + generated ids)."""
     n = len(prompts)
     if max_new_tokens < 0 or no_repeat_ngram < 0 or stop_check_every < 1:
         raise UserError("max_new_tokens and no_repeat_ngram must be >= 0, stop_check_every >= 1")
@@ -532,7 +535,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
         out = _run_batch(params, cfg, tokenizer, [ids[i] for i in rows], rows, key, spare,
                          temp[rows], topk[rows], topp[rows], pen[rows], max_new_tokens=max_new_tokens,
                          batch_size=batch_size, ngram=no_repeat_ngram, eos=eos, pad=pad, stop=stop,
-                         every=stop_check_every)
+                         every=stop_check_every, penalize_prompt=penalize_prompt)
         for i, r in zip(rows, out):
             r.truncated = truncated[i]
             results[i] = r
@@ -542,7 +545,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
 
 
 def _run_batch(params, cfg, tokenizer, ids, rows, key, spare, temp, topk, topp, pen, *, max_new_tokens,
-               batch_size, ngram, eos, pad, stop, every) -> list[Result]:
+               batch_size, ngram, eos, pad, stop, every, penalize_prompt=True) -> list[Result]:
     nb = len(ids)
     B = _pow2(nb) if _pow2(nb) <= batch_size else batch_size
     lens = np.array([len(t) for t in ids] + [1] * (B - nb), np.int32)
@@ -567,6 +570,8 @@ def _run_batch(params, cfg, tokenizer, ids, rows, key, spare, temp, topk, topp, 
     kw = dict(cfg=cfg, ngram=int(ngram), eos=eos, pad=pad)
     st = _prefill(params, cache, tokens, lens, keys, limit, padded(temp, 0), padded(topk, 0),
                   padded(topp, 1), padded(pen, 1), cfg=cfg)
+    if not penalize_prompt:  # penalties over generated tokens only: forget the prompt's ids
+        st = dataclasses.replace(st, seen=jnp.zeros_like(st.seen), hist=jnp.full_like(st.hist, -1))
     stopped = np.zeros((B,), bool)
     tails = [t[-PROMPT_TAIL:] for t in ids]
     while True:
