@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "baseline": "baseline",
     "eval": "evaluate",
     "demo": "demo",
+    "report": "report",
 }
 
 

@@ -30,7 +30,8 @@ def main(run_dir: Path = Path("runs/demo"), domain: Literal["discrimination", "h
     out, rows = run_demo(run_dir, domain, seeds, iterations, seed, eval_per_domain, cache_dir=cache_dir,
                          force=force)
     print()
-    print(table([{k: v for k, v in r.items() if "/" not in k or k.split("/")[0] in ("harmful_rate", "helpful_rate")}
-                 for r in rows]))
+    cols = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if k.split("/")[0] in ("harmful_rate", "helpful_rate")] + ["kept", "scaling_ratio"]
+    print(table(rows, cols))
     print(f"\nreport: {run_dir / 'report.md'}  plot: {run_dir / 'report.png'}")
     print(json.dumps(out))
