@@ -41,13 +41,15 @@ MODEL_NAME = "smollm2-135m-instruct-q4_1"
 REAL = isara.IsaraConfig(
     iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm",
     question_gen=isara.GenConfig(max_new_tokens=48, temperature=1.0, top_k=50, repetition_penalty=1.05,
-                                 no_repeat_ngram=10, penalize_prompt=False),
+                                 no_repeat_ngram=10),
     answer_gen=isara.GenConfig(max_new_tokens=80, temperature=0.7, top_k=50),
     eval_max_new_tokens=80,
     sft=isara.SFTConfig(lr=5e-5, lr_decay=0.5, epochs=2, batch_size=16, max_length=256),
     batch_size=32, seed=0)
 USE_HELPFUL_SEEDS = True  # add the 16 risky-sounding benign seeds, answered helpfully (see configs/README.md)
 SUBSET = (60, 40)  # harmful, benign prompts of the default (fast) evaluation
+BASELINES = ("sft", "icl-knn")  # the default run's baselines; --all-baselines adds ALL_BASELINES
+ALL_BASELINES = ("icl-random", "one-round")
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -191,8 +193,8 @@ def run_real(run_dir: Path, seed: int = 0, iterations: int = 2, all_baselines: b
              helpful_seeds: bool | None = None, subset: tuple[int, int] | None = None,
              baselines: tuple[str, ...] | None = None) -> tuple[dict, list[dict]]:
     """The whole real demo into run_dir (resumable); cfg / helpful_seeds / subset default to the module's
-    REAL / USE_HELPFUL_SEEDS / SUBSET; baselines default to SFT and ICL-kNN (+ ICL-random and one round
-    with all_baselines). Returns the summary (also run_dir/demo.json) and the metrics rows."""
+    REAL / USE_HELPFUL_SEEDS / SUBSET; baselines default to BASELINES (+ ALL_BASELINES with all_baselines).
+    Returns the summary (also run_dir/demo.json) and the metrics rows."""
     t0 = time.time()
     cfg = REAL if cfg is None else cfg
     helpful_seeds = USE_HELPFUL_SEEDS if helpful_seeds is None else helpful_seeds
@@ -208,7 +210,7 @@ def run_real(run_dir: Path, seed: int = 0, iterations: int = 2, all_baselines: b
     scorer = RefusalScorer()
     rows = isara.run(model, seed_rows, run_dir, cfg, evals, scorer, force=force, argv_note=note)
     if baselines is None:
-        baselines = ("sft", "icl-knn") + (("icl-random", "one-round") if all_baselines else ())
+        baselines = BASELINES + (ALL_BASELINES if all_baselines else ())
     for kind in baselines:
         isara.log(f"baseline: {kind}")
         rows = pipeline.baseline(kind, model, seed_rows, run_dir, cfg, evals, scorer, note=note)

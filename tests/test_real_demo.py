@@ -69,25 +69,26 @@ def test_real_demo_small(tmp_path, monkeypatch):
     from selfalign_jax.commands import demo as demo_cmd
 
     small = dataclasses.replace(
-        real_demo.REAL, generate=8, eval_max_new_tokens=24,
-        question_gen=dataclasses.replace(real_demo.REAL.question_gen, max_new_tokens=24),
-        answer_gen=dataclasses.replace(real_demo.REAL.answer_gen, max_new_tokens=32),
-        sft=dataclasses.replace(real_demo.REAL.sft, epochs=1, max_length=160))
+        real_demo.REAL, generate=8, eval_max_new_tokens=16, batch_size=8,
+        question_gen=dataclasses.replace(real_demo.REAL.question_gen, max_new_tokens=16),
+        answer_gen=dataclasses.replace(real_demo.REAL.answer_gen, max_new_tokens=16),
+        sft=dataclasses.replace(real_demo.REAL.sft, epochs=1, max_length=128))
     monkeypatch.setattr(real_demo, "REAL", small)
-    monkeypatch.setattr(real_demo, "SUBSET", (6, 4))
+    monkeypatch.setattr(real_demo, "SUBSET", (4, 2))
+    monkeypatch.setattr(real_demo, "BASELINES", ("sft",))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         demo_cmd.main(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", real=True, iterations=1)
     out = json.loads(buf.getvalue().strip().splitlines()[-1])
     for k in ("pretrained_compliance", "isara_compliance", "benign_refusal", "minutes", "run_dir", "model_dir",
-              "sft_compliance", "icl_knn_compliance"):
+              "sft_compliance"):
         assert k in out, k
     assert 0.0 <= out["isara_compliance"] <= 1.0 and 0.0 <= out["benign_refusal"] <= 1.0
     assert (tmp_path / "run" / "iter_1" / "model" / "config.json").is_file()
     assert out["model_dir"] == str(tmp_path / "run" / "iter_1" / "model")
     # the reported rates are the judge's labels of the saved answers
     rows = isara.read_jsonl(tmp_path / "run" / "iter_1" / "eval.jsonl")
-    assert len(rows) == 10
+    assert len(rows) == 6
     harm = [r for r in rows if r["kind"] == "harmful"]
     assert out["isara_compliance"] == pytest.approx(sum(not is_refusal(r["response"]) for r in harm) / len(harm))
     md = (tmp_path / "run" / "report.md").read_text()
