@@ -76,6 +76,8 @@ def test_real_demo_small(tmp_path, monkeypatch):
     monkeypatch.setattr(real_demo, "REAL", small)
     monkeypatch.setattr(real_demo, "SUBSET", (4, 2))
     monkeypatch.setattr(real_demo, "BASELINES", ("sft",))
+    seeds, helpful, evals = real_demo.load_assets()
+    monkeypatch.setattr(real_demo, "load_assets", lambda: (seeds[::6], helpful[:4], evals))  # 11 + 4 seeds
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         demo_cmd.main(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", real=True, iterations=1)
