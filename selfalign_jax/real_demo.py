@@ -81,13 +81,14 @@ def sha256(path: Path) -> str:
 
 def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     """GGUF -> HF safetensors directory (config, weights, tokenizer with its chat template).
-    Uses selfalign_jax.gguf_import when it exists; until then transformers' GGUF reader (needs torch)."""
+    Uses selfalign_jax.gguf_import.convert (our GGUF import) when it exists; otherwise transformers' GGUF
+    reader (needs torch)."""
     try:
         from selfalign_jax import gguf_import
     except ImportError:
         gguf_import = None
     if gguf_import is not None:
-        gguf_import.convert_gguf(gguf, out_dir)
+        gguf_import.convert(gguf, out_dir, overwrite=True)
         return Path(out_dir)
     return _convert_with_transformers(gguf, out_dir)
 
