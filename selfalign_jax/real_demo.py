@@ -83,11 +83,9 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> Path:
     """GGUF -> HF safetensors directory (config, weights, tokenizer with its chat template).
     Uses selfalign_jax.gguf_import.convert (our GGUF import) when it exists; otherwise transformers' GGUF
     reader (needs torch)."""
-    try:
+    if (Path(__file__).parent / "gguf_import.py").is_file():  # this package's own GGUF import
         from selfalign_jax import gguf_import
-    except ImportError:
-        gguf_import = None
-    if gguf_import is not None:
+
         gguf_import.convert(gguf, out_dir, overwrite=True)
         return Path(out_dir)
     return _convert_with_transformers(gguf, out_dir)
