@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "eval": "evaluate",
     "demo": "demo",
     "plan": "plan",
+    "report": "report",
 }
 
 
