@@ -14,6 +14,8 @@ Bad input raises `UserError` naming the file and line (or item).
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import gzip
 import json
 import os
@@ -51,32 +53,96 @@ def _fsync_tree(p: Path) -> None:
             os.fsync(fh.fileno())
 
 
+# OSError numbers that mean "this filesystem cannot take the write": reported as one line
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large for the filesystem", errno.EROFS: "read-only file system"}
+
+
+def disk_error(e: OSError, path) -> UserError | None:
+    """A one-line UserError for a full / read-only filesystem (None for other errors)."""
+    why = _FULL.get(e.errno)
+    return None if why is None else UserError(f"{why} writing {path}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove temp files / directories that a killed writer of `path` left beside it (named
+    .NAME.tmp-PID-* or .NAME.old-PID-*; PID no longer running). An old copy kept aside by a replace that
+    was killed half-way is moved back if `path` itself is missing."""
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*-*-*"):
+        kind, _, rest = p.name[len(path.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if kind == "old" and not path.exists():
+                os.replace(p, path)
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def atomic(path, directory: bool = False) -> Iterator[Path]:
     """Yield a temp path next to `path` for the caller to fill: an empty file, or with `directory` an
     empty directory. On success it is fsync'd and renamed onto `path` (an existing directory there is
-    replaced); on error it is removed and `path` is left as it was."""
+    first renamed aside, and deleted only once the new one is in place); on error it is removed and
+    `path` is left as it was. The result gets the user's umask; a full or read-only filesystem is one
+    line (UserError "no space left on device writing PATH")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(path)
+        prefix = f".{path.name}.tmp-{os.getpid()}-"
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+            os.chmod(tmp, 0o777 & ~_umask())
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+            os.chmod(tmp, 0o666 & ~_umask())
+    except OSError as e:
+        raise (disk_error(e, path) or e) from None
+    old = None
     try:
         yield tmp
         _fsync_tree(tmp)
         if directory and path.is_dir():
-            shutil.rmtree(path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
+            os.replace(path, old)  # kept until the new directory is in place
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        if isinstance(e, OSError) and disk_error(e, path):
+            raise disk_error(e, path) from None
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path, text: str) -> None:
