@@ -12,6 +12,13 @@ from selfalign_jax.errors import UserError
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA can adapt
 
 
+def _check(conditions) -> None:
+    """Raise UserError with the message of the first false condition."""
+    for ok, msg in conditions:
+        if not ok:
+            raise UserError(msg)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """SFT hyper-parameters. Defaults follow the ISARA reference (AdamW 0.9/0.95, no weight decay,
@@ -82,6 +89,13 @@ class GenConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram: int = 0
 
+    def __post_init__(self) -> None:
+        _check([(self.max_new_tokens >= 1, "max-new-tokens must be >= 1"),
+                (self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top-k must be >= 0"),
+                (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+                (self.repetition_penalty > 0, "repetition-penalty must be > 0"),
+                (self.no_repeat_ngram >= 0, "no-repeat-ngram must be >= 0")])
+
 
 @dataclasses.dataclass(frozen=True)
 class IsaraConfig:
@@ -107,3 +121,11 @@ class IsaraConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int | None = None  # generation batch (None: from a memory budget)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check([(self.iterations >= 1, "--iterations must be >= 1"), (self.generate >= 1, "--generate must be >= 1"),
+                (self.demos >= 1, "--demos must be >= 1"), (self.context_budget >= 1, "--context-budget must be >= 1"),
+                (self.eval_max_new_tokens >= 1, "--eval-max-new-tokens must be >= 1"),
+                (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
+                (0 <= self.rouge_threshold <= 1, "--rouge-threshold must be in [0, 1]"),
+                (self.min_words >= 0, "--min-words must be >= 0"), (self.lr_decay > 0, "--lr-decay must be > 0")])

@@ -148,3 +148,134 @@ def test_remote_code_entries_not_exported(src, tmp_path):
         got = json.loads((out / f).read_text())
         assert "auto_map" not in got and "trust_remote_code" not in got
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == tc["eos_token"]
+
+
+# ------------------------------------------------------------------------------------ run directories
+CFG = None
+
+
+def _cfg():
+    from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
+    g = GenConfig(max_new_tokens=8, temperature=1.0)
+    return IsaraConfig(iterations=1, generate=4, demos=2, context_budget=300, embedder="hashing", question_gen=g,
+                       answer_gen=g, sft=TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_length=32),
+                       batch_size=4, seed=1, min_words=0)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from selfalign_jax import rundir
+    d = tmp_path_factory.mktemp("run")
+    fx.make_model("llama", d / "model", max_position_embeddings=256)
+    w = fx.WORDS[4:60]
+    seeds = [{"question": " ".join(w[i:i + 5]), "answer": " ".join(w[i + 5:i + 11])} for i in range(6)]
+    rows = rundir.run(d / "model", seeds, d / "run", _cfg())
+    return d, seeds, rows
+
+
+def _hold_lock(run_dir):
+    code = ("import sys, time; from selfalign_jax import runlock; runlock.acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_process_refused_naming_the_holder(finished, tmp_path):
+    from selfalign_jax import rundir, runlock
+    d, seeds, _ = finished
+    run = tmp_path / "r"
+    run.mkdir()
+    p = _hold_lock(run)
+    try:
+        for force in (False, True):
+            msg = _one_line(lambda: rundir.run(d / "model", seeds, run, _cfg(), force=force),
+                            rf"in use by another selfalign process \(PID {p.pid}\)")
+            assert str(run) in msg
+        assert [x.name for x in run.iterdir()] == [".lock"]  # nothing written by the refused run
+    finally:
+        p.kill()
+        p.wait()
+    runlock.acquire(run)  # the holder died: its lock went with it, the stale file does not block
+    runlock.release(run)
+
+
+def test_run_dir_that_is_a_file_or_foreign(finished, tmp_path):
+    from selfalign_jax import rundir
+    d, seeds, _ = finished
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line(lambda: rundir.run(d / "model", seeds, f, _cfg()), "is a file, not a directory")
+    _one_line(lambda: rundir.run(d / "model", seeds, d / "model", _cfg(), force=True),
+              r"config\.json: not a selfalign run config")
+    assert (d / "model" / "model.safetensors").is_file() and not (d / "model" / "superseded-1").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    _one_line(lambda: rundir.run(d / "model", seeds, tmp_path / "other", _cfg()), "holds other files")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{oops")
+    _one_line(lambda: rundir.run(d / "model", seeds, tmp_path / "bad", _cfg()), "not valid JSON")
+
+
+def test_unusable_stage_output_is_redone(finished, tmp_path, capsys):
+    from selfalign_jax import fileio, rundir
+    d, seeds, rows = finished
+    run = tmp_path / "r"
+    shutil.copytree(d / "run", run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "iter_1" / "answers.jsonl").write_bytes(b"")
+    (run / "iter_1" / "kept.jsonl").write_text("not json\n")
+    new = rundir.run(d / "model", seeds, run, _cfg())
+    assert "iter_1/answers.jsonl: empty; redoing it" in capsys.readouterr().out
+    answers = fileio.read_jsonl(run / "iter_1" / "answers.jsonl")
+    assert len(answers) == 4
+    f = json.loads((run / "iter_1" / "filter.json").read_text())
+    assert f["candidates"] == 4 and f["kept"] == len(fileio.read_jsonl(run / "iter_1" / "kept.jsonl"))
+    assert new[-1]["candidates"] == 4 and (run / "iter_1" / "model" / "model.safetensors").is_file()
+    # an unparsable kept.jsonl alone: the filter and everything after it are redone
+    (run / "iter_1" / "kept.jsonl").write_text("{\n")
+    rundir.run(d / "model", seeds, run, _cfg())
+    assert "iter_1/kept.jsonl: unreadable" in capsys.readouterr().out
+    assert fileio.read_jsonl(run / "iter_1" / "answers.jsonl") == answers  # not redone
+
+
+def test_finished_run_reported_read_only(finished, tmp_path, monkeypatch):
+    import errno
+    from selfalign_jax import fileio, report, rundir
+    d, seeds, rows = finished
+    run = tmp_path / "r"
+    shutil.copytree(d / "run", run)
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fileio, "atomic", ro)
+    monkeypatch.setattr(report, "write", ro)
+    assert rundir.run(d / "model", seeds, run, _cfg()) == rows
+
+
+def test_stale_export_temps_removed_and_overwrite_keeps_old(src, tmp_path, monkeypatch):
+    import os
+    from selfalign_jax import fileio
+    cfg, params = checkpoint.load(src)
+    out = tmp_path / "out"
+    stale = [tmp_path / ".out.tmp-999999999-abc", tmp_path / ".out.tmp-999999998-x"]
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_bytes(b"half")
+    stale[1].write_text("half")
+    mine = tmp_path / f".out.tmp-{os.getpid()}-live"  # a live writer's temp is left alone
+    mine.mkdir()
+    checkpoint.save(out, cfg, params, tokenizer_from=src)
+    assert not any(p.exists() for p in stale) and mine.is_dir()
+    before = (out / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def fail_on_new(a, b):  # the new model cannot be put in place
+        if ".out.tmp-" in str(a):
+            raise OSError(5, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(fileio.os, "replace", fail_on_new)
+    with pytest.raises(OSError):
+        checkpoint.save(out, cfg, params, tokenizer_from=src, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-%d-live" % os.getpid(), "out"])
