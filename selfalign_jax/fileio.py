@@ -7,6 +7,8 @@
     records(path) -> iterator of (where, dict)      .jsonl[.gz] (one object a line) or .json[.gz] array
     read_jsonl(path) -> list[dict]
     read_text(path) -> str                          whole (maybe gzipped) file; bad UTF-8 names the line
+    check_output(path, flag, inputs, directory)     refuse a bad output path before any work
+    disk_error(OSError, path) -> UserError | None   "no space left on device writing PATH" and kin
 
 Bad input raises `UserError` naming the file and line (or item).
 """
@@ -145,6 +147,28 @@ def atomic(path, directory: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output(path, flag: str = "--out", inputs: dict | None = None, directory: bool = False,
+                 overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output path that cannot be written as asked: a directory where a
+    file is wanted (or the reverse), a non-empty directory without `overwrite`, or the same path as an
+    input (`inputs`: flag -> path; the input would be replaced)."""
+    path = Path(path)
+    for name, src in (inputs or {}).items():
+        if src is not None and Path(src).resolve() == path.resolve():
+            raise UserError(f"{flag} {path} is also {name}: it would be replaced; write somewhere else")
+    if directory:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{flag}: {path} is a file; a directory is wanted")
+        if path.is_dir() and not overwrite and any(path.iterdir()):
+            raise UserError(f"{flag}: directory exists and is not empty: {path} (use --overwrite)")
+    elif path.is_dir():
+        raise UserError(f"{flag}: {path} is a directory; a file path is wanted")
+    parent = next((q for q in path.parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{flag}: {parent} is a file, so {path} cannot be created")
+    return path
+
+
 def write_text(path, text: str) -> None:
     with atomic(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -194,6 +218,25 @@ def read_text(path) -> str:
         raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col})") from None
 
 
+def _no_surrogates(obj, where: str) -> None:
+    """A \\uD800-style escape decodes to a lone surrogate, which is not text (it cannot be tokenized or
+    written back): refuse it here, naming the field."""
+    def walk(x, field):
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError(f"{where}: field {field!r} is not valid UTF-8 text (a lone surrogate escape "
+                                f"such as \\ud800)") from None
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, k if field is None else f"{field}.{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{field}[{i}]" if field else f"item {i + 1}")
+    walk(obj, None)
+
+
 def records(path) -> Iterator[tuple[str, dict]]:
     """Yield (where, dict) from a .jsonl[.gz] (one object a line, blank lines skipped) or a .json[.gz]
     array; `where` is "file:line" (or "file: item i") for messages about that record."""
@@ -209,6 +252,8 @@ def records(path) -> Iterator[tuple[str, dict]]:
             data = [data]
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON array of objects")
+        if "\\u" in text:
+            _no_surrogates(data, str(path))
         for i, obj in enumerate(data, 1):
             if not isinstance(obj, dict):
                 raise UserError(f"{path}: item {i}: expected a JSON object, got {type(obj).__name__}")
@@ -229,6 +274,8 @@ def records(path) -> Iterator[tuple[str, dict]]:
                     raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                if "\\u" in line:
+                    _no_surrogates(obj, where)
                 yield where, obj
     except (OSError, EOFError) as e:  # truncated or corrupt gzip
         raise UserError(f"{path}: cannot read ({e})") from None

@@ -319,15 +319,23 @@ def _rows(path: Path) -> list[dict] | None:
         return None
 
 
-def open_run_dir(root: Path) -> None:
-    """Create and lock a run directory; one that is a file, or a directory with files but no run
-    config, is refused."""
+def check_run_dir(root) -> None:
+    """Refuse (before any work) a run directory that is a file, holds files but no run config, or
+    holds a config.json that is not a run's."""
+    root = Path(root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--run-dir: {root} is a file, not a directory")
     if root.is_dir() and not (root / "config.json").is_file() \
             and any(not p.name.startswith(".") for p in root.iterdir()):
         raise UserError(f"--run-dir: {root} holds other files and no run config.json; "
                         "choose an empty or new directory")
+    if (root / "config.json").is_file():
+        read_run_config(root / "config.json")
+
+
+def open_run_dir(root: Path) -> None:
+    """Check, create and lock a run directory (for the life of the process)."""
+    check_run_dir(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -466,8 +466,10 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
              no_repeat_ngram: int = 0, stop: Sequence[str] = MARKERS, seed: int = 0, key=None,
              batch_size: int | None = None, memory_budget: int | None = None, chat_template: bool = False,
              truncate: str = "left", ignore_eos: bool = False, stop_check_every: int = 8,
-             progress: bool = False, in_out_weights: bool | None = None) -> list[Result]:
-    """Generate a completion for every prompt; results in input order (see the module docstring)."""
+             progress: bool = False, in_out_weights: bool | None = None,
+             where: Sequence[str] | None = None) -> list[Result]:
+    """Generate a completion for every prompt; results in input order (see the module docstring).
+    where: a name per prompt for messages (e.g. "file:line"; default "prompt i", 1-based)."""
     n = len(prompts)
     if max_new_tokens < 0 or no_repeat_ngram < 0 or stop_check_every < 1:
         raise UserError("max_new_tokens and no_repeat_ngram must be >= 0, stop_check_every >= 1")
@@ -493,11 +495,12 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
     ctx = cfg.max_pos
     truncated = [0] * n
     for i, t in enumerate(ids):
+        name = where[i] if where is not None else f"prompt {i + 1}"
         if not t:
-            raise UserError(f"prompt {i} has no tokens (empty prompt and the tokenizer adds no BOS)")
+            raise UserError(f"{name}: the prompt has no tokens (empty prompt and the tokenizer adds no BOS)")
         if len(t) > ctx - 1:
             if truncate == "error":
-                raise UserError(f"prompt {i} has {len(t)} tokens; the context length is {ctx}")
+                raise UserError(f"{name}: the prompt has {len(t)} tokens; the context length is {ctx}")
             keep_bos = bos is not None and t[0] == bos
             cut = len(t) - (ctx - 1)
             ids[i] = ([bos] + t[1 + cut:]) if keep_bos else t[cut:]

@@ -151,9 +151,6 @@ def test_remote_code_entries_not_exported(src, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ run directories
-CFG = None
-
-
 def _cfg():
     from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
     g = GenConfig(max_new_tokens=8, temperature=1.0)
@@ -279,3 +276,169 @@ def test_stale_export_temps_removed_and_overwrite_keeps_old(src, tmp_path, monke
         checkpoint.save(out, cfg, params, tokenizer_from=src, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-%d-live" % os.getpid(), "out"])
+
+
+# ------------------------------------------------------------------- arguments, messages, the CLI rule
+def _main(capsys, *argv):
+    """The CLI in this process: (exit code, stderr)."""
+    from selfalign_jax import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+def _qa(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_arguments_refused_before_work(src, tmp_path, capsys):
+    data = _qa(tmp_path / "d.jsonl", [{"question": "the water", "answer": "is good"}] * 3)
+    outdir = tmp_path / "od"
+    outdir.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    kw = tmp_path / "kw.txt"
+    kw.write_text("water\n")
+    other = _qa(tmp_path / "other.jsonl", [{"question": "something else", "answer": "x"}])
+    m, d = str(src), str(data)
+    cases = [
+        (["eval", "--model", m, "--data", d, "--scorer", f"keywords:{kw}", "--out", d], "is also --data"),
+        (["eval", "--model", m, "--data", d, "--scorer", f"keywords:{kw}", "--out", str(outdir)], "is a directory"),
+        (["eval", "--model", m, "--data", d, "--scorer", f"keywords:{kw}", "--batch-size", "0"], "--batch-size must"),
+        (["eval", "--model", m, "--data", d, "--scorer", f"pairwise:{m}:{other}"],
+         rf"{other}: no answer for 3 of the 3 eval questions"),
+        (["generate", "--model", m, "--prompts", d, "--out", d], "is also --prompts"),
+        (["generate", "--model", m, "--prompts", d, "--out", "o.jsonl", "--batch-size", "-1"], "--batch-size must"),
+        (["convert", "--model", m, "--out", str(afile)], "is a file; a directory is wanted"),
+        (["convert", "--model", m, "--out", m, "--overwrite"], "is also --model"),
+        (["finetune", "--model", m, "--data", d, "--out", str(afile)], "is a file; a directory is wanted"),
+        (["finetune", "--model", m, "--data", d, "--out", str(tmp_path / "ft"), "--grad-accum", "0"],
+         "--grad-accum must be >= 1"),
+        (["finetune", "--model", str(tmp_path / "nope"), "--data", d, "--out", str(tmp_path / "ft")],
+         "model directory not found"),
+        (["data", "--input", d, "--out", str(outdir)], "is a directory"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(afile)], "is a file, not a directory"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", m], r"config\.json: not a selfalign run config"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--generate", "0"],
+         "--generate must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--iterations", "0"],
+         "--iterations must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--sft.grad-accum", "0"],
+         "--grad-accum must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--batch-size", "0"],
+         "--batch-size must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--scorer", "world"],
+         "--scorer needs --eval"),
+    ]
+    import re
+    for argv, match in cases:
+        code, err = _main(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), (argv, err)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "ft").exists()
+    assert data.read_text().count("\n") == 3 and afile.read_text() == "x"
+
+
+def test_messages_name_file_line_field(src, tmp_path, capsys):
+    m = str(src)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    noans = _qa(tmp_path / "noans.jsonl", [{"question": "a b", "answer": "c d"}, {"question": "e f", "answer": " "}])
+    long = _qa(tmp_path / "long.jsonl", [{"prompt": "the"}, {}, {"prompt": " ".join(["the"] * 100)}])
+    long.write_text(long.read_text().replace("{}\n", "\n"))  # a blank line: the third prompt is on line 3
+    sur = tmp_path / "sur.jsonl"
+    sur.write_text('{"prompt": "ok"}\n{"prompt": "a \\udc80 b"}\n')
+    cases = [
+        (["run", "--model", m, "--seeds", str(empty), "--run-dir", str(tmp_path / "r")], rf"{empty}: no records"),
+        (["run", "--model", m, "--seeds", str(blank), "--run-dir", str(tmp_path / "r")], rf"{blank}: no records"),
+        (["run", "--model", m, "--seeds", str(noans), "--run-dir", str(tmp_path / "r")],
+         rf"{noans}:2: field 'answer' is empty"),
+        (["generate", "--model", m, "--prompts", str(long), "--out", str(tmp_path / "o.jsonl"), "--truncate",
+          "error"], rf"{long}:3: the prompt has 101 tokens; the context length is 64"),
+        (["generate", "--model", m, "--prompts", str(sur), "--out", str(tmp_path / "o.jsonl")],
+         rf"{sur}:2: field 'prompt' is not valid UTF-8"),
+        (["generate", "--model", m, "--prompts", str(empty), "--out", str(tmp_path / "o.jsonl")], "no prompts"),
+    ]
+    import re
+    for argv, match in cases:
+        code, err = _main(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), (argv, err)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_rule_other_exceptions(tmp_path, capsys, monkeypatch):
+    from selfalign_jax.commands import data as data_cmd
+    src = _qa(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+
+    def boom(*a, **k):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(data_cmd.dataset, "load", boom)
+    code, err = _main(capsys, "data", "--input", str(src), "--out", str(tmp_path / "o.jsonl"))
+    assert code == 1 and err.strip().splitlines() == [
+        "selfalign: internal error: KeyError: 'bug' (run with SELFALIGN_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("SELFALIGN_DEBUG", "1")
+    from selfalign_jax import cli
+    with pytest.raises(KeyError):
+        cli.main(["data", "--input", str(src), "--out", str(tmp_path / "o.jsonl")])
+
+
+# ------------------------------------------------------------------------- disk full, umask
+def test_disk_full_one_line_and_earlier_results_kept(tmp_path, capsys, monkeypatch):
+    import errno
+    from selfalign_jax import fileio
+    src = _qa(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    out = tmp_path / "o.jsonl"
+    out.write_text("earlier\n")
+    def full_open(file, mode="r", *a, **k):  # every file opened for writing hits a full disk
+        f = open(file, mode, *a, **k)
+        if "w" in mode:
+            def write(s):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(fileio, "open", full_open, raising=False)
+    code, err = _main(capsys, "data", "--input", str(src), "--out", str(out))
+    assert code == 2 and err.strip() == f"selfalign: error: no space left on device writing {out}"
+    assert out.read_text() == "earlier\n" and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "o.jsonl"]
+    # a raw OSError from any writer outside fileio: the same one line
+    monkeypatch.setattr(fileio, "write_jsonl", lambda p, rows: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", str(p))))
+    code, err = _main(capsys, "data", "--input", str(src), "--out", str(out))
+    assert code == 1 and err.strip() == f"selfalign: error: no space left on device writing {out}"
+
+
+def test_file_size_limit_convert_one_line(src, tmp_path):
+    """A real short write: RLIMIT_FSIZE below the model's size makes write() fail with EFBIG."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); "
+            "from selfalign_jax import cli; cli.main(sys.argv[1:])")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", code, "convert", "--model", str(src), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == f"selfalign: error: file too large for the filesystem writing {out}"
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []  # no half-written model, no temp left
+
+
+def test_outputs_follow_umask(src, tmp_path):
+    import os
+    from selfalign_jax import fileio
+    old = os.umask(0o022)
+    try:
+        fileio.write_json(tmp_path / "a.json", {"x": 1})
+        fileio.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+        with fileio.atomic(tmp_path / "d", directory=True) as t:
+            (t / "f").write_text("x")
+        os.umask(0o077)
+        fileio.write_json(tmp_path / "c.json", {"x": 1})
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert (mode("a.json"), mode("b.jsonl"), mode("d"), mode("d/f"), mode("c.json")) == (
+        0o644, 0o644, 0o755, 0o644, 0o600)
