@@ -21,6 +21,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,6 +64,14 @@ _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exce
 def disk_error(e: OSError, path) -> UserError | None:
     """A one-line UserError for a full / read-only filesystem (None for other errors)."""
     why = _FULL.get(e.errno)
+    return None if why is None else UserError(f"{why} writing {path}")
+
+
+def disk_error_text(text: str, path) -> UserError | None:
+    """The same for an error known only by its text (Orbax / TensorStore: "... [os_error_code='28']")."""
+    m = re.search(r"os_error_code='(\d+)'", text)
+    codes = [int(m.group(1))] if m else [c for c in _FULL if os.strerror(c) in text]
+    why = next((_FULL[c] for c in codes if c in _FULL), None)
     return None if why is None else UserError(f"{why} writing {path}")
 
 

@@ -442,3 +442,20 @@ def test_outputs_follow_umask(src, tmp_path):
     mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
     assert (mode("a.json"), mode("b.jsonl"), mode("d"), mode("d/f"), mode("c.json")) == (
         0o644, 0o644, 0o755, 0o644, 0o600)
+
+
+def test_file_size_limit_orbax_checkpoint_one_line(src, tmp_path):
+    """Orbax's background save fails: one line, not its wall of thread tracebacks; the earlier step's
+    data is untouched (the train data file) and no model is exported."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (50000, 50000)); "
+            "from selfalign_jax import cli; cli.main(sys.argv[1:])")
+    data = _qa(tmp_path / "d.jsonl", [{"question": "the water", "answer": "is good for you"}] * 4)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", code, "finetune", "--model", str(src), "--data", str(data), "--out",
+                        str(out), "--batch-size", "2", "--grad-accum", "1", "--checkpoint-every", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith(("finetune", "4 examples"))]
+    assert lines == [f"selfalign: error: file too large for the filesystem writing {out}.ckpt"], r.stderr[-3000:]
+    assert not out.exists()
