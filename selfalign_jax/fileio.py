@@ -91,24 +91,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_TEMP = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)-[^/]*$")  # .NAME.tmp-PID-xxx: atomic()'s temp for NAME
+
+
 def _clean_stale(path: Path) -> None:
-    """Remove temp files / directories that a killed writer of `path` left beside it (named
-    .NAME.tmp-PID-* or .NAME.old-PID-*; PID no longer running). An old copy kept aside by a replace that
-    was killed half-way is moved back if `path` itself is missing."""
+    """Remove what a killed writer of `path` left beside it (temps named .NAME.tmp-PID-*, old copies
+    .NAME.old-PID-*, PID no longer running). An old copy kept aside by a replace that was killed half-way
+    is moved back if `path` itself is missing."""
     for p in path.parent.glob(f".{glob.escape(path.name)}.*-*-*"):
-        kind, _, rest = p.name[len(path.name) + 2:].partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        try:
-            if kind == "old" and not path.exists():
-                os.replace(p, path)
-            elif p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        except OSError:
-            pass
+        _remove_if_stale(p, path)
+
+
+def remove_stale_temps(directory) -> None:
+    """`_clean_stale` for every temp under `directory` (e.g. a run directory, on start)."""
+    for p in sorted(Path(directory).rglob(".*.*-*-*")):
+        m = _TEMP.match(p.name)
+        if m:
+            _remove_if_stale(p, p.parent / m.group(1))
+
+
+def _remove_if_stale(p: Path, target: Path) -> None:
+    m = _TEMP.match(p.name)
+    if m is None or m.group(1) != target.name or _alive(int(m.group(3))):
+        return
+    try:
+        if m.group(2) == "old" and not target.exists():
+            os.replace(p, target)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager

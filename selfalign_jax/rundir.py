@@ -337,10 +337,12 @@ def open_run_dir(root: Path) -> None:
     """Check, create and lock a run directory (for the life of the process)."""
     check_run_dir(root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            root.mkdir(parents=True)
     except OSError as e:
         raise fileio.disk_error(e, root) or UserError(f"--run-dir: cannot create {root} ({e.strerror})") from None
     runlock.acquire(root)
+    fileio.remove_stale_temps(root)  # a killed run's half-written outputs
 
 
 def read_run_config(p: Path) -> dict:

@@ -220,9 +220,13 @@ def test_unusable_stage_output_is_redone(finished, tmp_path, capsys):
     run = tmp_path / "r"
     shutil.copytree(d / "run", run, ignore=shutil.ignore_patterns(".lock"))
     (run / "iter_1" / "answers.jsonl").write_bytes(b"")
+    killed = run / "iter_1" / ".model.tmp-999999999-abc"  # an export killed half-way
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     (run / "iter_1" / "kept.jsonl").write_text("not json\n")
     new = rundir.run(d / "model", seeds, run, _cfg())
     assert "iter_1/answers.jsonl: empty; redoing it" in capsys.readouterr().out
+    assert not killed.exists()
     answers = fileio.read_jsonl(run / "iter_1" / "answers.jsonl")
     assert len(answers) == 4
     f = json.loads((run / "iter_1" / "filter.json").read_text())
