@@ -463,6 +463,30 @@ def _drop_remote_code(p: Path) -> None:
                                 ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _trim_added_tokens(d: Path, vocab_size: int) -> None:
+    """Drop added tokens with ids past the model's embedding rows from a tokenizer built in memory
+    (transformers' GGUF conversion may add e.g. <|endoftext|> at id vocab_size): the model has no row
+    for them, so the exported tokenizer must not produce them."""
+    tj, tc = d / "tokenizer.json", d / "tokenizer_config.json"
+    if not tj.is_file():
+        return
+    raw = _json_object(tj)
+    extra = [t for t in raw.get("added_tokens") or [] if t.get("id", 0) >= vocab_size]
+    if not extra:
+        return
+    gone = {t["content"] for t in extra}
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t.get("id", 0) < vocab_size]
+    tj.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    if tc.is_file():
+        conf = _json_object(tc)
+        dec = conf.get("added_tokens_decoder")
+        if isinstance(dec, dict):
+            conf["added_tokens_decoder"] = {k: v for k, v in dec.items() if not (k.isdigit() and int(k) >= vocab_size)}
+        for k in [k for k, v in conf.items() if k.endswith("_token") and isinstance(v, str) and v in gone]:
+            conf[k] = None
+        tc.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _write_safetensors(path: Path, items: list[tuple[str, jax.Array]], dtype) -> None:
     """Stream tensors to one safetensors file: header from shapes, then one tensor at a time."""
     header, off = {}, 0
@@ -528,5 +552,6 @@ def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: s
                     shutil.copy2(Path(tokenizer_from) / f, tmp / f)
         elif tokenizer_from is not None:
             tokenizer_from.save_pretrained(str(tmp))
+            _trim_added_tokens(tmp, cfg.vocab_size)
         _drop_remote_code(tmp / "tokenizer_config.json")
     return out
