@@ -14,9 +14,19 @@ Reported:
     of the ratio see the same machine load. roofline_frac_cpu: the same with FLOPs per CPU-second on both
     sides (insensitive to other processes on a shared machine).
   cpu_util: process CPU time / wall time while running (how many cores the side actually used).
+Workload (issue 14), shaped like an ISARA stage: `--workload-prompts` (256) random prompts of 300-1500 tokens,
+per-prompt new-token limits from a long-tailed mix (lognormal, mean ~40, max 200, fixed seed), EOS ignored so
+each row generates exactly its limit, the same weights on every side, in one run:
+  workload_ours_tok_s: our continuous batching (`--workload-batch` slots); workload_static_tok_s: our static
+    batching (same batch size, prompts sorted by length); workload_ref_tok_s: transformers `generate` on the same
+    sorted batches, each run to the longest limit in the batch (it has no per-row limit) and credited with the
+    rows' limits only, at its best batch size among `--ref-batch-sizes` (tried on the first batches);
+  all as useful (generated) tokens per second, compile excluded (a warm-up run first); workload_vs_static,
+  workload_vs_ref; ours_prefill_s / ours_decode_s: the prefill / decode split of our continuous run (timed in a
+  separate run that waits for each call).
 The machine may be shared: ratios in one run are what to compare, absolute numbers are noisy.
 
-    python scripts/bench_sampling.py [--threads N] [--reps 2] [--skip-ref]
+    python scripts/bench_sampling.py [--threads N] [--reps 2] [--skip-ref] [--workload-prompts 256]
 The last line printed is a JSON object.
 """
 
@@ -86,6 +96,9 @@ def main():
     ap.add_argument("--reps", type=int, default=2, help="timed runs of ours (best is reported)")
     ap.add_argument("--skip-ref", action="store_true", help="skip transformers (no ratio)")
     ap.add_argument("--model-dir", type=Path, default=None, help="where to write the random checkpoint")
+    ap.add_argument("--workload-prompts", type=int, default=256, help="prompts of the ISARA-shaped workload (0: skip)")
+    ap.add_argument("--workload-batch", type=int, default=16, help="our batch size / slots in the workload")
+    ap.add_argument("--ref-batch-sizes", default="4,16", help="transformers batch sizes tried in the workload")
     args = ap.parse_args()
 
     import torch
@@ -196,10 +209,90 @@ def main():
                    ref_decode_tok_s=round(ref_dec, 1), decode_ratio=round(ours_dec_tok_s / ref_dec, 2),
                    ref_s=round(ref_s, 2), ref_prefill_s=round(ref1_s, 2), ref_cpu_util=round(ref_util, 2),
                    greedy_rows_agree_16=agree16, greedy_token_agreement=round(same, 4))
+    if args.workload_prompts > 0:
+        out.update(workload(args, hf, params, cfg, tok, torch))
     out["loadavg_1m"] = os.getloadavg()[0]
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(out))
+
+
+def workload_inputs(n: int, vocab: int, seed: int = 1):
+    """n prompts of 300-1500 random tokens and long-tailed new-token limits (mean ~40, max 200)."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(300, 1501, n)
+    prompts = [rng.integers(3, vocab, k).tolist() for k in lens]
+    limits = np.clip(np.round(rng.lognormal(np.log(24.0), 1.0, n)), 2, 200).astype(int)
+    limits[int(np.argmax(limits))] = 200
+    return prompts, [int(x) for x in limits]
+
+
+def workload(args, hf, params, cfg, tok, torch) -> dict:
+    from selfalign_jax import sampling as S
+
+    prompts, limits = workload_inputs(args.workload_prompts, CONFIG["vocab_size"])
+    useful = sum(limits)
+    B = args.workload_batch
+    print(f"workload: {len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens "
+          f"(mean {np.mean([len(p) for p in prompts]):.0f}), limits mean {np.mean(limits):.1f}, max {max(limits)}, "
+          f"{useful} useful tokens; batch {B}")
+
+    def ours(continuous):
+        res = S.generate(params, cfg, tok, prompts, max_new_tokens=limits, stop=(), ignore_eos=True, batch_size=B,
+                         continuous=continuous)
+        assert [len(r.token_ids) for r in res] == limits
+        return res
+
+    out = {}
+    for name, cont in (("static", False), ("ours", True)):
+        ours(cont)  # compiles (every prompt bucket / insertion size)
+        _, wall, util = timed(lambda: ours(cont))
+        out[f"workload_{name}_tok_s"] = round(useful / wall, 1)
+        out[f"workload_{name}_s"] = round(wall, 1)
+        print(f"workload {'continuous' if cont else 'static'}: {wall:.1f}s, {useful / wall:.1f} useful tok/s, "
+              f"cpu util {util:.2f}")
+    S.PROFILE = __import__("collections").Counter()
+    ours(True)
+    prof, S.PROFILE = dict(S.PROFILE), None
+    out.update(workload_ours_prefill_s=round(prof["prefill"], 1), workload_ours_decode_s=round(prof["decode"], 1))
+    print(f"workload continuous, each call waited for: prefill {prof['prefill']:.1f}s, decode {prof['decode']:.1f}s")
+    out["workload_vs_static"] = round(out["workload_ours_tok_s"] / out["workload_static_tok_s"], 2)
+    if not args.skip_ref:
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+        def ref(bs, idx):
+            n_tok = 0
+            for b0 in range(0, len(idx), bs):
+                rows = idx[b0:b0 + bs]
+                T = max(len(prompts[i]) for i in rows)
+                ids = torch.zeros((len(rows), T), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(rows):
+                    ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
+                    mask[r, T - len(prompts[i]):] = 1
+                m = max(limits[i] for i in rows)
+                with torch.no_grad():
+                    hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m,
+                                do_sample=False, pad_token_id=0)
+                n_tok += sum(limits[i] for i in rows)
+            return n_tok
+
+        sizes = [int(s) for s in args.ref_batch_sizes.split(",")]
+        trial = order[:max(sizes)]
+        rates = {}
+        for bs in sizes:
+            n_tok, wall, _ = timed(lambda: ref(bs, trial))
+            rates[bs] = n_tok / wall
+        best = max(rates, key=rates.get)
+        print("transformers batch sizes tried on the first prompts: "
+              + ", ".join(f"{bs}: {r:.1f} tok/s" for bs, r in rates.items()) + f" -> {best}")
+        _, wall, util = timed(lambda: ref(best, order))
+        out.update(workload_ref_tok_s=round(useful / wall, 1), workload_ref_s=round(wall, 1), workload_ref_batch=best,
+                   workload_vs_ref=round(out["workload_ours_tok_s"] * wall / useful, 2))
+        print(f"workload transformers (batch {best}): {wall:.1f}s, {useful / wall:.1f} useful tok/s, "
+              f"cpu util {util:.2f}")
+    out.update(workload_prompts=len(prompts), workload_batch=B, workload_useful_tokens=useful)
+    return out
 
 
 if __name__ == "__main__":

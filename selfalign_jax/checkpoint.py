@@ -63,7 +63,7 @@ def _json_object(p: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{p}: expected a JSON object, got {type(raw).__name__}")
+        raise UserError(f"{p}: not a JSON object (got {type(raw).__name__})")
     return raw
 
 
@@ -264,12 +264,12 @@ def _read_header(path: Path) -> tuple[dict, int]:
     and byte range are checked against the file's size (a truncated file is refused here, not read)."""
     size = path.stat().st_size
     if size < 8:
-        raise UserError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
+        raise UserError(f"{path}: not a safetensors file ({size} bytes)")
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         if n > min(MAX_HEADER, size - 8):
-            raise UserError(f"{path}: header length {n} is past the end of the file ({size} bytes): "
-                            "truncated or not a safetensors file")
+            raise UserError(f"{path}: header length {n} does not fit the file ({size} bytes): not a safetensors "
+                            "file, or cut short")
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -298,24 +298,24 @@ def _check_entry(path: Path, name: str, e, data_bytes: int) -> None:
         raise UserError(f"{where}: bad data_offsets {offs!r}")
     nbytes = math.prod(shape) * np.dtype(ST_DTYPES[e["dtype"]]).itemsize
     if offs[1] - offs[0] != nbytes:
-        raise UserError(f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, "
-                        f"shape {shape} {e['dtype']} needs {nbytes}")
+        raise UserError(f"{where}: {offs[1] - offs[0]} bytes for shape {tuple(shape)} {e['dtype']} "
+                        f"(needs {nbytes})")
     if offs[1] > data_bytes:
-        raise UserError(f"{where}: data ends at byte {offs[1]} but the file holds {data_bytes} data bytes "
-                        "(truncated?)")
+        raise UserError(f"{where}: data_offsets {offs} outside the file's {data_bytes} data bytes "
+                        "(file cut short?)")
 
 
 def _shard_files(index: Path) -> list[str]:
     try:
         raw = json.loads(index.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{index}: not valid JSON ({e})") from None
+        raise UserError(f"{index}: not a valid shard index (not valid JSON: {e})") from None
     wmap = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(wmap, dict) or not wmap:
-        raise UserError(f"{index}: field 'weight_map' must be a non-empty object of tensor name -> file")
+        raise UserError(f"{index}: not a valid shard index: it needs {{\"weight_map\": {{tensor: file}}}}")
     for name, fn in wmap.items():
         if not isinstance(fn, str) or Path(fn).name != fn or fn.startswith("."):
-            raise UserError(f"{index}: weight_map[{name!r}]: bad shard file name {fn!r}")
+            raise UserError(f"{index}: not a valid shard index: weight_map[{name!r}]: bad shard file name {fn!r}")
     return sorted(set(wmap.values()))
 
 
@@ -375,7 +375,7 @@ def _read_tensor(f, name: str, e: dict, start: int, dtype) -> np.ndarray:
     src_dt = np.dtype(ST_DTYPES[e["dtype"]])
     arr = _aligned_empty(tuple(e["shape"]), src_dt)
     f.seek(start + a)
-    got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
+    got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) if arr.nbytes else 0
     if got != b - a:  # the file shrank since its header was checked
         raise UserError(f"{f.name}: tensor {name}: read {got} of {b - a} bytes (file truncated?)")
     if src_dt != np.dtype(dtype):
@@ -449,8 +449,8 @@ def check_vocab(tok, vocab_size, where) -> None:
     """Refuse a tokenizer whose ids reach past the model's embedding rows (they would index garbage)."""
     n = tokenizer_size(tok)
     if isinstance(vocab_size, int) and n > vocab_size:
-        raise UserError(f"{where}: the tokenizer has {n} token ids but the model has vocab_size {vocab_size} "
-                        "embedding rows: the tokenizer does not belong to this model")
+        raise UserError(f"{where}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}: "
+                        "ids past the embedding rows; the tokenizer does not belong to this model")
 
 
 def _drop_remote_code(p: Path) -> None:
@@ -501,8 +501,11 @@ def _write_safetensors(path: Path, items: list[tuple[str, jax.Array]], dtype) ->
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        for _, x in items:
-            f.write(np.ascontiguousarray(np.asarray(jax.device_get(x)).astype(dtype)).tobytes())
+        for _, x in items:  # no copies beyond a cast: one tensor's bytes at a time
+            a = np.asarray(jax.device_get(x))
+            a = np.ascontiguousarray(a if a.dtype == np.dtype(dtype) else a.astype(dtype))
+            f.write(a.reshape(-1).view(np.uint8).data)
+            del a
 
 
 def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: str | None = None,

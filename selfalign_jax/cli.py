@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "baseline": "baseline",
     "eval": "evaluate",
     "demo": "demo",
+    "plan": "plan",
 }
 
 

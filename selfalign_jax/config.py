@@ -80,7 +80,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GenConfig:
-    """Sampling settings of one generation step (temperature 0 = greedy)."""
+    """Sampling settings of one generation step (temperature 0 = greedy). num_beams > 1: beam search, or
+    beam-sample with do_sample (transformers' semantics, selfalign_jax/beam.py)."""
 
     max_new_tokens: int = 100
     temperature: float = 1.0
@@ -88,6 +89,11 @@ class GenConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram: int = 0
+    num_beams: int = 1
+    do_sample: bool = True  # with num_beams > 1: beam-sample (True) or beam search (False)
+    length_penalty: float = 1.0  # beams: a hypothesis scores sum log-prob / length ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # beams: transformers' early_stopping
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # beams: (start, factor) raises EOS after start
 
     def __post_init__(self) -> None:
         _check([(self.max_new_tokens >= 1, "max-new-tokens must be >= 1"),

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from selfalign_jax import filters, sampling, train
+from selfalign_jax import beam, filters, train
 from selfalign_jax.config import GenConfig, IsaraConfig
 from selfalign_jax.loaded import LoadedModel
 from selfalign_jax.template import MARKERS, Template, cut
@@ -49,12 +49,16 @@ def log(msg: str) -> None:
 def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_size=None,
              desc: str = "generate") -> list[str]:
     """Completions of `prompts` (text after the prompt, cut at the first template marker)."""
-    log(f"{desc}: {len(prompts)} prompts, up to {gen.max_new_tokens} new tokens")
-    res = sampling.generate(model.params, model.cfg, model.tokenizer, prompts,
-                            max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                            top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
-                            no_repeat_ngram=gen.no_repeat_ngram, stop=MARKERS, key=key,
-                            batch_size=batch_size, progress=True)
+    log(f"{desc}: {len(prompts)} prompts, up to {gen.max_new_tokens} new tokens"
+        + (f", {gen.num_beams} beams" if gen.num_beams > 1 else ""))
+    res = beam.generate(model.params, model.cfg, model.tokenizer, prompts,
+                        max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                        top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
+                        no_repeat_ngram=gen.no_repeat_ngram, stop=MARKERS, key=key,
+                        batch_size=batch_size, progress=True, num_beams=gen.num_beams,
+                        do_sample=gen.do_sample or gen.num_beams == 1, length_penalty=gen.length_penalty,
+                        early_stopping=gen.early_stopping,
+                        exponential_decay_length_penalty=gen.exponential_decay_length_penalty)
     return [cut(r.text) for r in res]
 
 

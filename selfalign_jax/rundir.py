@@ -72,8 +72,9 @@ def from_dict(d: dict, where: str = "config") -> IsaraConfig:
             bad = set(v) - fields
             if bad:
                 raise UserError(f"{where}: unknown field {k}.{sorted(bad)[0]}")
-            if isinstance(v.get("lora_targets"), list):
-                v["lora_targets"] = tuple(v["lora_targets"])
+            for name in ("lora_targets", "exponential_decay_length_penalty"):  # JSON lists -> tuples
+                if isinstance(v.get(name), list):
+                    v[name] = tuple(v[name])
             try:
                 v = sub[k](**{**_defaults(k), **v})
             except UserError as e:

@@ -4,7 +4,7 @@ API
     generate(params, cfg, tokenizer, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
              repetition_penalty=1.0, no_repeat_ngram=0, stop=MARKERS, seed=0, key=None, batch_size=None,
              memory_budget=None, chat_template=False, truncate="left", ignore_eos=False,
-             stop_check_every=8, progress=False, in_out_weights=None) -> list[Result]
+             stop_check_every=8, progress=False, in_out_weights=None, mesh=None, continuous=False) -> list[Result]
         prompts: strings (tokenized as the tokenizer does by default, so with BOS if it adds one; no chat
         template unless chat_template=True) or lists of token ids (used as given).
         temperature / top_k / top_p / repetition_penalty: a scalar or one value per prompt; they are traced
@@ -12,6 +12,14 @@ API
         top_p 1 = off; repetition_penalty 1 = off; no_repeat_ngram 0 = off (static: one compile per size).
         stop: stop strings (default: the ISARA template markers BEGIN, END, USER, ASSISTANT; () for none).
         EOS ids: cfg.eos_ids plus tokenizer.eos_token_id (ignore_eos=True: generate max_new_tokens always).
+        max_new_tokens: a scalar or one limit per prompt.
+        mesh: a ('data', 'fsdp', 'tensor') Mesh (mesh.make_mesh, the same --mesh as training) or None (one
+        device). Parameters are placed by the model's sharding rules (`sharding_rules`: tensor parallel over whole
+        query / KV heads and the MLP, heads replicated when the tensor axis does not divide their count, embed
+        over fsdp); batch rows over data x fsdp (batch sizes are rounded up to a multiple of data x fsdp; the
+        default batch size is per data x fsdp shard); the KV cache rows likewise, its KV heads over tensor when
+        the parameters' are. Results are gathered for the host. Single-process (one host) meshes.
+        continuous: continuous batching (see below) instead of static batches; greedy output is identical.
     Result(text, token_ids, logprobs, finish_reason, prompt_tokens, truncated)
         text: the completion (text after the prompt, special tokens removed, cut before the first stop
         string, not stripped); token_ids: the generated ids, through the EOS or the token that completed the
@@ -22,7 +30,7 @@ API
     auto_batch_size(cfg, prompt_len, max_new_tokens, budget_bytes=None) -> int
     sample_logits / warp_logits / repetition_penalty / ngram_ban: the token-choice pieces on their own.
     TRACES: Counter of how often each jitted function was traced (= compiled); tests count compiles with it.
-    Beam search (the paper's beam-sample) is not provided.
+    Beam search and beam-sample (the paper's decoding): selfalign_jax/beam.py.
 
 Semantics (those of transformers' logits processors, applied in this order)
     repetition penalty (RepetitionPenaltyLogitsProcessor: a logit of a token present in prompt + generated
@@ -52,6 +60,17 @@ How it runs
     length) that exits when every row is done. Results come back in input order. On CPU the weights are
     used through a transient [in, out] copy (model.inference_layout: ~20% faster small-batch matmuls).
 
+Continuous batching (continuous=True)
+    A fixed number of slots (batch_size rows) and one cache of S = Tp_max + Tn slots (the longest prompt's and
+    the largest limit's buckets). Whenever rows end (EOS, limit, stop string) the decode loop returns (it exits
+    as soon as one more row is done while prompts are pending), their results are taken, and the next pending
+    prompts (longest first) are prefilled into those rows (`_insert`: R rows at a time, R a power of two) and
+    decoding goes on until the queue is empty. The cache is a ring: every row writes its next token at the slot
+    `end` (mod S), and a new prompt's keys go to the Tp slots before `end`, i.e. the static layout rotated;
+    attention is by position, so each row computes what it would alone (the rotation only reorders a sum).
+    Compiles: one decode, one insertion per (R, prompt bucket); inserting never recompiles. A row's t-th token
+    uses fold_in(row key, t) as in static batching, so the output for a key does not depend on the slot.
+
 Stop strings
     Token-level matching inside the loop cannot be exact for every tokenizer (a marker may span several
     tokens or be part of one), so stop strings are checked on the host, exactly, on decoded text: the loop
@@ -73,18 +92,21 @@ import collections
 import dataclasses
 import functools
 import math
+import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfalign_jax import mesh as MS
 from selfalign_jax import model as M
 from selfalign_jax.buckets import pow2
 from selfalign_jax.errors import UserError
 from selfalign_jax.template import MARKERS
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (compiled)
+PROFILE: collections.Counter | None = None  # set to a Counter: seconds spent in prefill / decode (blocking)
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (bounds the attention-score memory)
 PROMPT_TAIL = 8  # prompt tokens decoded with the completion so its first word decodes as in context
 
@@ -242,10 +264,12 @@ def _inverse_cdf(p_BxV, u_B, block: int = 128):
 
 def _draw(x_BxV, keys_B, step, temperature_B, top_k_B, top_p_B):
     """One draw per row from softmax(x / T) after top-k and top-p, by inverse CDF with one uniform per row
-    (u = uniform(fold_in(row key, step))). Rows with temperature 0 get an arbitrary id (callers use argmax)."""
+    (u = uniform(fold_in(row key, step)), step a scalar or one per row: the index of the token the row draws).
+    Rows with temperature 0 get an arbitrary id (callers use argmax)."""
     B, V = x_BxV.shape
     z = x_BxV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-    u_B = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys_B)
+    step_B = jnp.broadcast_to(jnp.asarray(step, jnp.int32), (B,))
+    u_B = jax.vmap(lambda k, s: jax.random.uniform(jax.random.fold_in(k, s)))(keys_B, step_B)
     warp = (temperature_B > 0) & (((top_k_B > 0) & (top_k_B < V)) | (top_p_B < 1))
     keep = jax.lax.cond(jnp.any(warp), lambda: _keep(z, top_k_B, top_p_B), lambda: jnp.ones((B, V), bool))
     p = jnp.where(keep, jnp.exp(z - z.max(-1, keepdims=True)), 0.0)
@@ -277,14 +301,16 @@ def repetition_penalty(logits_BxV, seen_BxV, penalty_B):
 
 
 def ngram_ban(hist_BxL, start_B, cur, n: int, V: int):
-    """NoRepeatNGramLogitsProcessor on hist[b, start_b:cur] (the row's ids; left padding before start_b):
-    [B, V] bool of the ids that would complete an n-gram already in it."""
+    """NoRepeatNGramLogitsProcessor on hist[b, start_b:cur_b] (the row's ids; left padding before start_b; cur a
+    scalar or one per row): [B, V] bool of the ids that would complete an n-gram already in it."""
     B, L = hist_BxL.shape
+    cur_B = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B,))
     W = L - n + 1  # windows hist[i : i + n]
     i = jnp.arange(W)
-    ok = (i[None, :] >= start_B[:, None]) & (i[None, :] + n <= cur)
+    ok = (i[None, :] >= start_B[:, None]) & (i[None, :] + n <= cur_B[:, None])
     if n > 1:
-        prefix = jax.lax.dynamic_slice(hist_BxL, (0, jnp.maximum(cur - n + 1, 0)), (B, n - 1))
+        cols = jnp.maximum(cur_B - n + 1, 0)[:, None] + jnp.arange(n - 1)[None, :]
+        prefix = jnp.take_along_axis(hist_BxL, jnp.minimum(cols, L - 1), axis=1)
         for j in range(n - 1):
             ok &= hist_BxL[:, j:j + W] == prefix[:, j:j + 1]
     banned_ids = jnp.where(ok, hist_BxL[:, n - 1:n - 1 + W], V)  # V: dropped
@@ -293,34 +319,37 @@ def ngram_ban(hist_BxL, start_B, cur, n: int, V: int):
 
 
 def _select(st: State, logits_BxV, *, ngram: int, eos: tuple[int, ...], pad: int) -> State:
-    """Choose each live row's next token from its logits and advance the state by one step."""
+    """Choose each live row's next token from its logits and advance the state by one step. A row's t-th
+    token goes to column t of out/logp and P + t of hist (t = st.length: rows may be at different tokens)."""
     B, V = logits_BxV.shape
+    Tn = st.out.shape[1]
     raw = logits_BxV.astype(jnp.float32)
-    P = st.hist.shape[1] - st.out.shape[1]
+    P = st.hist.shape[1] - Tn
+    t_B = st.length
     x = repetition_penalty(raw, st.seen, st.penalty)
     if ngram > 0:
         start = P - jnp.sum(st.hist[:, :P] >= 0, axis=1)  # first real token (left padding is -1)
-        x = jnp.where(ngram_ban(st.hist, start, P + st.step, ngram, V), -jnp.inf, x)
+        x = jnp.where(ngram_ban(st.hist, start, P + t_B, ngram, V), -jnp.inf, x)
     # argmax as max + first index of the max: XLA:CPU's variadic (value, index) reduce is ~4x slower
     iota = jax.lax.broadcasted_iota(jnp.int32, (B, V), 1)
     greedy = jnp.min(jnp.where(x == x.max(-1, keepdims=True), iota, V), axis=-1)
     greedy = jnp.where(greedy < V, greedy, 0)  # all NaN
     sampled = jax.lax.cond(jnp.any(st.temperature > 0),
-                           lambda: _draw(x, st.keys, st.step, st.temperature, st.top_k, st.top_p), lambda: greedy)
+                           lambda: _draw(x, st.keys, t_B, st.temperature, st.top_k, st.top_p), lambda: greedy)
     live = ~st.done
     tok = jnp.where(live & (st.temperature > 0), sampled, greedy)
     lse = jax.nn.logsumexp(raw, axis=-1)
     lp = jnp.take_along_axis(raw, tok[:, None], axis=1)[:, 0] - lse
     tok = jnp.where(live, tok, pad)
-    lp = jnp.where(live, lp, 0.0)
     rows = jnp.arange(B)
+    col = jnp.where(live, t_B, Tn)  # Tn: dropped (done rows write nothing)
     length = st.length + live
     hit_eos = jnp.isin(tok, jnp.asarray(eos, jnp.int32)) if eos else jnp.zeros((B,), bool)
     return dataclasses.replace(
         st,
-        hist=jax.lax.dynamic_update_slice(st.hist, jnp.where(live, tok, -1)[:, None], (0, P + st.step)),
-        out=jax.lax.dynamic_update_slice(st.out, tok[:, None], (0, st.step)),
-        logp=jax.lax.dynamic_update_slice(st.logp, lp[:, None], (0, st.step)),
+        hist=st.hist.at[rows, P + col].set(tok, mode="drop"),
+        out=st.out.at[rows, col].set(tok, mode="drop"),
+        logp=st.logp.at[rows, col].set(lp, mode="drop"),
         last=tok,
         pos=jnp.where(live, st.pos + 1, st.pos),
         seen=st.seen.at[rows, jnp.where(live, tok, V)].set(True, mode="drop"),
@@ -330,65 +359,184 @@ def _select(st: State, logits_BxV, *, ngram: int, eos: tuple[int, ...], pad: int
     )
 
 
+# ------------------------------------------------------------------------------------------- mesh
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the sampler's arrays live on a mesh: rows over data x fsdp, KV heads over tensor when the
+    tensor axis divides them (else replicated). Hashable: a static argument of the jitted functions."""
+
+    mesh: jax.sharding.Mesh
+    kv: str | None  # mesh axis of the cache's KV-head dimension
+
+    def spec(self, *axes) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*axes))
+
+    @property
+    def rows(self) -> int:
+        return MS.batch_size_multiple(self.mesh)
+
+
+def sharding_rules(cfg: M.Config, mesh) -> M.ShardingRules:
+    """The model's sharding rules for inference on `mesh`: tensor parallel over whole heads and the MLP; query
+    / KV heads replicated when the tensor axis does not divide their count."""
+    t = mesh.shape.get("tensor", 1)
+    return M.ShardingRules(q_heads="tensor" if cfg.n_heads % t == 0 else None,
+                           kv_heads="tensor" if cfg.n_kv_heads % t == 0 else None)
+
+
+def placement(cfg: M.Config, mesh) -> Placement | None:
+    if mesh is None:
+        return None
+    t = mesh.shape.get("tensor", 1)
+    return Placement(mesh, "tensor" if t > 1 and cfg.n_kv_heads % t == 0 else None)
+
+
+def place_params(params: M.Params, cfg: M.Config, mesh) -> M.Params:
+    """Parameters placed on `mesh` by `sharding_rules` (a no-op for arrays already placed so)."""
+    return jax.device_put(params, M.param_shardings(cfg, mesh, sharding_rules(cfg, mesh)))
+
+
+def _constrain_cache(cache: M.Cache, pl: Placement | None) -> M.Cache:
+    if pl is None:
+        return cache
+    kv = pl.spec(MS.BATCH, pl.kv)
+    wsc = jax.lax.with_sharding_constraint
+    return M.Cache(k=[wsc(x, kv) for x in cache.k], v=[wsc(x, kv) for x in cache.v],
+                   pos_BxS=wsc(cache.pos_BxS, pl.spec(MS.BATCH)), end=wsc(cache.end, pl.spec()))
+
+
+def _constrain(st: State, pl: Placement | None) -> State:
+    """Every [B, ...] field over data x fsdp, the cache as `_constrain_cache`, the step replicated."""
+    if pl is None:
+        return st
+    rows = pl.spec(MS.BATCH)
+    fields = {f.name: jax.lax.with_sharding_constraint(getattr(st, f.name), rows)
+              for f in dataclasses.fields(State) if f.name not in ("cache", "step")}
+    return State(cache=_constrain_cache(st.cache, pl), step=jax.lax.with_sharding_constraint(st.step, pl.spec()),
+                 **fields)
+
+
+def _put(x, pl: Placement | None):
+    """A host array with a leading batch dim onto the mesh rows (as is without a mesh)."""
+    return x if pl is None else MS.put(np.asarray(x), pl.spec(MS.BATCH))
+
+
 # ------------------------------------------------------------------------------------ jitted parts
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _prefill_cache(params, cfg: M.Config, tokens_BxT, pos_BxT, cache: M.Cache) -> M.Cache:
+    """Tokens into the cache in chunks of at most PREFILL_CHUNK (a lax.scan): bounded attention scores."""
+    B, T = tokens_BxT.shape
+    C = _chunk(T)
+    if C == T:
+        return M.apply(params, cfg, tokens_BxT, pos_BxT, cache)[1]
+
+    def body(cache, xs):
+        return M.apply(params, cfg, xs[0], xs[1], cache)[1], None
+
+    split = lambda a: a.reshape(B, T // C, C).transpose(1, 0, 2)  # noqa: E731
+    return jax.lax.scan(body, cache, (split(tokens_BxT), split(pos_BxT)))[0]
+
+
+def _fresh_rows(tokens_BxP, lens_B, Tn: int, V: int, pad: int):
+    """The per-row state of new prompts (left-padded to P columns): hist, seen, last, pos, valid, positions."""
+    B, P = tokens_BxP.shape
+    valid = jnp.arange(P)[None, :] >= (P - lens_B)[:, None]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, P))
+    return dict(
+        hist=jnp.concatenate([jnp.where(valid, tokens_BxP, -1), jnp.full((B, Tn), -1, jnp.int32)], axis=1),
+        out=jnp.full((B, Tn), pad, jnp.int32),
+        logp=jnp.zeros((B, Tn), jnp.float32),
+        last=tokens_BxP[:, -1],
+        pos=lens_B - 1,
+        seen=jnp.zeros((B, V), bool).at[rows, jnp.where(valid, tokens_BxP, V)].set(True, mode="drop"),
+        length=jnp.zeros((B,), jnp.int32),
+    ), valid
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "place"), donate_argnames=("cache",))
 def _prefill(params, cache: M.Cache, tokens_BxP, lens_B, keys_B, limit_B, temperature_B, top_k_B, top_p_B,
-             penalty_B, *, cfg: M.Config) -> State:
+             penalty_B, *, cfg: M.Config, place: Placement | None = None) -> State:
     """All prompt tokens but the last into the (reused, donated) cache, in chunks; the last one is the first
     decode step's input, so the token choice (and the LM head) is compiled only once, in the decode."""
     TRACES["prefill"] += 1
     B, P = tokens_BxP.shape
     Tp = P - 1
     S = cache.pos_BxS.shape[1]
-    Tn = S - Tp
-    V = cfg.vocab_size
-    valid = jnp.arange(P)[None, :] >= (P - lens_B)[:, None]
-    pos_BxP = M.positions(valid)
+    fresh, valid = _fresh_rows(tokens_BxP, lens_B, S - Tp, cfg.vocab_size, cfg.pad_id or 0)
     cache = M.Cache(k=cache.k, v=cache.v, pos_BxS=jnp.full((B, S), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
-    C = _chunk(Tp)
-    tokens, pos = tokens_BxP[:, :Tp], pos_BxP[:, :Tp]
-    if C == Tp:
-        _, cache = M.apply(params, cfg, tokens, pos, cache)
-    else:
-        def body(cache, xs):
-            return M.apply(params, cfg, xs[0], xs[1], cache)[1], None
-
-        split = lambda a: a.reshape(B, Tp // C, C).transpose(1, 0, 2)  # noqa: E731
-        cache, _ = jax.lax.scan(body, cache, (split(tokens), split(pos)))
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, P))
-    return State(
-        cache=cache,
-        hist=jnp.concatenate([jnp.where(valid, tokens_BxP, -1), jnp.full((B, Tn), -1, jnp.int32)], axis=1),
-        out=jnp.full((B, Tn), cfg.pad_id or 0, jnp.int32),
-        logp=jnp.zeros((B, Tn), jnp.float32),
-        last=tokens_BxP[:, -1],
-        pos=lens_B - 1,
-        seen=jnp.zeros((B, V), bool).at[rows, jnp.where(valid, tokens_BxP, V)].set(True, mode="drop"),
-        length=jnp.zeros((B,), jnp.int32),
-        done=limit_B <= 0,
-        step=jnp.zeros((), jnp.int32),
-        keys=keys_B, limit=limit_B, temperature=temperature_B, top_k=top_k_B, top_p=top_p_B,
-        penalty=penalty_B,
-    )
+    cache = _prefill_cache(params, cfg, tokens_BxP[:, :Tp], M.positions(valid)[:, :Tp], _constrain_cache(cache, place))
+    return _constrain(State(cache=cache, done=limit_B <= 0, step=jnp.zeros((), jnp.int32), keys=keys_B,
+                            limit=limit_B, temperature=temperature_B, top_k=top_k_B, top_p=top_p_B, penalty=penalty_B,
+                            **fresh), place)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ngram", "eos", "pad"), donate_argnames=("st",))
-def _decode(params, st: State, until, stop_B, *, cfg: M.Config, ngram: int, eos: tuple[int, ...],
-            pad: int) -> State:
-    """Single-token steps until every row is done or `until` tokens were generated; rows in stop_B end."""
+@functools.partial(jax.jit, static_argnames=("cfg", "B", "S", "P", "Tn", "place"))
+def _empty(key, *, cfg: M.Config, B: int, S: int, P: int, Tn: int, place: Placement | None) -> State:
+    """A continuous-batching state with every slot free (done, limit 0) and an empty cache of S slots."""
+    TRACES["empty"] += 1
+    fresh, _ = _fresh_rows(jnp.zeros((B, P), jnp.int32), jnp.zeros((B,), jnp.int32), Tn, cfg.vocab_size,
+                           cfg.pad_id or 0)
+    zf, zi = jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32)
+    return _constrain(State(cache=M.init_cache(cfg, B, S), done=jnp.ones((B,), bool), step=jnp.zeros((), jnp.int32),
+                            keys=jax.random.split(key, B), limit=zi, temperature=zf, top_k=zi, top_p=zf + 1,
+                            penalty=zf + 1, **fresh), place)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "place"), donate_argnames=("st",))
+def _insert(params, st: State, tokens_RxP, lens_R, slots_R, keys_R, limit_R, temperature_R, top_k_R, top_p_R,
+            penalty_R, *, cfg: M.Config, place: Placement | None = None) -> State:
+    """Continuous batching: prefill R new prompts and put them in the slots `slots_R` (B = dropped) of a running
+    batch. The cache is a ring over its S slots: every row writes its next token at slot `end` (mod S), so a new
+    row's prompt goes to the Tp slots before `end` and its decode to the slots from `end` on (the static layout,
+    rotated); Tp + its limit <= S keeps them apart. Rows attend by position, so the rotation changes nothing
+    but the order of a sum."""
+    TRACES["insert"] += 1
+    R, Pr = tokens_RxP.shape
+    Tp = Pr - 1
+    B, S = st.cache.pos_BxS.shape
+    Pm, Tn = st.hist.shape[1] - st.out.shape[1], st.out.shape[1]
+    fresh, valid = _fresh_rows(tokens_RxP, lens_R, Tn, cfg.vocab_size, cfg.pad_id or 0)
+    fresh["hist"] = jnp.concatenate([jnp.full((R, Pm - Pr), -1, jnp.int32), fresh["hist"]], axis=1)
+    dt = st.cache.k[0].dtype
+    new = _prefill_cache(params, cfg, tokens_RxP[:, :Tp], M.positions(valid)[:, :Tp], M.init_cache(cfg, R, Tp, dt))
+    shift = (st.cache.end - Tp) % S
+
+    def put(big, x, axis, fill):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, S - Tp)
+        x = jnp.roll(jnp.pad(x, widths, constant_values=fill), shift, axis=axis)
+        return big.at[slots_R].set(x.astype(big.dtype), mode="drop")
+
+    cache = M.Cache(k=[put(b, x, 3, 0) for b, x in zip(st.cache.k, new.k)],
+                    v=[put(b, x, 2, 0) for b, x in zip(st.cache.v, new.v)],
+                    pos_BxS=put(st.cache.pos_BxS, new.pos_BxS, 1, -1), end=st.cache.end)
+    rows = dict(fresh, done=limit_R <= 0, keys=keys_R, limit=limit_R, temperature=temperature_R, top_k=top_k_R,
+                top_p=top_p_R, penalty=penalty_R)
+    upd = {k: getattr(st, k).at[slots_R].set(v, mode="drop") for k, v in rows.items()}
+    return _constrain(dataclasses.replace(st, cache=cache, **upd), place)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ngram", "eos", "pad", "place"), donate_argnames=("st",))
+def _decode(params, st: State, until, stop_B, want=None, *, cfg: M.Config, ngram: int, eos: tuple[int, ...],
+            pad: int, place: Placement | None = None) -> State:
+    """Single-token steps until every row is done, `until` steps were taken (st.step counts them) or `want` more
+    rows are done than at the start (continuous batching: slots to refill); rows in stop_B end."""
     TRACES["decode"] += 1
-    until = jnp.minimum(until, st.out.shape[1])
+    B = st.done.shape[0]
+    S = st.cache.pos_BxS.shape[1]
     st = dataclasses.replace(st, done=st.done | stop_B)
+    target = jnp.sum(st.done) + (B + 1 if want is None else want)
 
     def cond(st):
-        return (st.step < until) & ~jnp.all(st.done)
+        return (st.step < until) & ~jnp.all(st.done) & (jnp.sum(st.done) < target)
 
     def body(st):
         h, cache = M.apply(params, cfg, st.last[:, None], st.pos[:, None], st.cache)
+        cache = dataclasses.replace(cache, end=cache.end % S)  # a ring (continuous batching); static never wraps
         logits = M.logits(params, cfg, h[:, 0])
-        return _select(dataclasses.replace(st, cache=cache), logits, ngram=ngram, eos=eos, pad=pad)
+        st = _select(dataclasses.replace(st, cache=cache), logits, ngram=ngram, eos=eos, pad=pad)
+        return _constrain(st, place)
 
-    return jax.lax.while_loop(cond, body, st)
+    return jax.lax.while_loop(cond, body, _constrain(st, place))
 
 
 @jax.jit
@@ -461,20 +609,119 @@ def _find_stop(text: str, stop: Sequence[str]) -> int:
     return min(idx) if idx else -1
 
 
+def _finish(tokenizer, tail, toks, logp, prompt_tokens, limit, eos, stop) -> Result:
+    """A row's Result from its generated ids: cut at the first stop string (shortest token prefix whose text holds
+    one), finish reason."""
+    n_tok = len(toks)
+    text = _completion(tokenizer, tail, toks)
+    if stop and _find_stop(text, stop) >= 0:
+        lo, hi = 1, n_tok  # shortest prefix whose text holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _find_stop(_completion(tokenizer, tail, toks[:mid]), stop) >= 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        toks = toks[:lo]
+        text = _completion(tokenizer, tail, toks)
+        return Result(text[:_find_stop(text, stop)], toks, list(logp[:lo]), "stop", prompt_tokens)
+    if toks and toks[-1] in eos:
+        reason = "eos"
+    elif n_tok >= limit:
+        reason = "length"
+    else:
+        reason = "context"
+    return Result(text, toks, list(logp), reason, prompt_tokens)
+
+
+@dataclasses.dataclass
+class _Job:
+    """What every batch of one generate call shares."""
+
+    params: M.Params
+    cfg: M.Config
+    tokenizer: object
+    ids: list  # token ids per prompt (after truncation)
+    key: jax.Array
+    temp: np.ndarray
+    topk: np.ndarray
+    topp: np.ndarray
+    pen: np.ndarray
+    limit: np.ndarray  # per prompt: max_new_tokens asked
+    ngram: int
+    eos: tuple
+    pad: int
+    stop: tuple
+    every: int
+    place: Placement | None
+
+    def kw(self):
+        return dict(cfg=self.cfg, ngram=self.ngram, eos=self.eos, pad=self.pad, place=self.place)
+
+    def rows(self, idx, R):
+        """Per-row inputs of prompts idx padded to R rows: tokens [R, Tp+1] (left-padded), lens, limits, keys,
+        sampling parameters (padding rows: limit 0)."""
+        n = len(idx)
+        lens = np.array([len(self.ids[i]) for i in idx] + [1] * (R - n), np.int32)
+        Tp = prompt_bucket(int(lens.max()) - 1)  # the prefill takes all prompt tokens but the last
+        tokens = np.full((R, Tp + 1), self.pad, np.int32)
+        for r, i in enumerate(idx):
+            tokens[r, Tp + 1 - lens[r]:] = self.ids[i]
+        limit = np.zeros((R,), np.int32)
+        limit[:n] = np.minimum(self.limit[idx], self.cfg.max_pos - lens[:n])
+
+        def padded(a, fill):
+            return np.concatenate([a[idx], np.full((R - n,), fill, a.dtype)])
+
+        keys = _row_keys(self.key, np.array(list(idx) + [0] * (R - n), np.uint32))
+        pl = self.place
+        return (_put(tokens, pl), _put(lens, pl), keys, _put(limit, pl), _put(padded(self.temp, 0), pl),
+                _put(padded(self.topk, 0), pl), _put(padded(self.topp, 1), pl), _put(padded(self.pen, 1), pl))
+
+    def result(self, i, toks, logp) -> Result:
+        t = self.ids[i]
+        return _finish(self.tokenizer, t[-PROMPT_TAIL:], toks, logp, len(t), int(self.limit[i]), self.eos, self.stop)
+
+    def check_stops(self, idx_of_row, out, length, stopped):
+        """Mark rows whose completion so far holds a stop string (host side, exact)."""
+        for r, i in idx_of_row.items():
+            if not stopped[r] and length[r] > 0 and _find_stop(_completion(
+                    self.tokenizer, self.ids[i][-PROMPT_TAIL:], out[r, :length[r]].tolist()), self.stop) >= 0:
+                stopped[r] = True
+
+
+def _timed(phase: str, fn):
+    """fn(); with PROFILE set, waits for its result and adds the seconds to PROFILE[phase]."""
+    if PROFILE is None:
+        return fn()
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    PROFILE[phase] += time.perf_counter() - t
+    return out
+
+
+def _batch_rows(n: int, cap: int, mult: int) -> int:
+    """Rows of a batch for n prompts: a power of two (at most cap), a multiple of the mesh's row count."""
+    B = pow2(n) if pow2(n) <= cap else cap
+    return -(-B // mult) * mult
+
+
 def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-             max_new_tokens: int = 128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+             max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
              no_repeat_ngram: int = 0, stop: Sequence[str] = MARKERS, seed: int = 0, key=None,
              batch_size: int | None = None, memory_budget: int | None = None, chat_template: bool = False,
              truncate: str = "left", ignore_eos: bool = False, stop_check_every: int = 8,
-             progress: bool = False, in_out_weights: bool | None = None,
-             where: Sequence[str] | None = None) -> list[Result]:
-    """Generate a completion for every prompt; results in input order (see the module docstring).
-    where: a name per prompt for messages (e.g. "file:line"; default "prompt i", 1-based)."""
+             progress: bool = False, in_out_weights: bool | None = None, mesh=None,
+             continuous: bool = False) -> list[Result]:
+    """Generate a completion for every prompt; results in input order (see the module docstring)."""
     n = len(prompts)
-    if max_new_tokens < 0 or no_repeat_ngram < 0 or stop_check_every < 1:
-        raise UserError("max_new_tokens and no_repeat_ngram must be >= 0, stop_check_every >= 1")
+    if no_repeat_ngram < 0 or stop_check_every < 1:
+        raise UserError("no_repeat_ngram must be >= 0, stop_check_every >= 1")
     if truncate not in ("left", "error"):
         raise UserError(f"truncate: expected 'left' or 'error', got {truncate!r}")
+    limit = _per_prompt("max_new_tokens", max_new_tokens, n, np.int64)
+    if (limit < 0).any():
+        raise UserError("max_new_tokens must be >= 0")
     temp = _per_prompt("temperature", temperature, n, np.float32)
     topk = _per_prompt("top_k", top_k, n, np.int32)
     topp = _per_prompt("top_p", top_p, n, np.float32)
@@ -490,12 +737,56 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
     stop = tuple(s for s in (stop or ()) if s)
     if key is None:
         key = jax.random.key(seed)
+    ids, truncated = tokenize_prompts(tokenizer, prompts, cfg, chat_template, truncate)
+    if n == 0:
+        return []
+    results: list[Result | None] = [None] * n
+    for i in range(n):
+        if limit[i] == 0:
+            results[i] = Result("", [], [], "length", len(ids[i]), truncated[i])
+    todo = [i for i in range(n) if limit[i] > 0]
+    if not todo:
+        return results
+    params, place = prepare(params, cfg, mesh, in_out_weights)
+    job = _Job(params, cfg, tokenizer, ids, key, temp, topk, topp, pen, limit, int(no_repeat_ngram),
+               eos_ids(cfg, tokenizer, ignore_eos), int(cfg.pad_id if cfg.pad_id is not None else 0), stop,
+               stop_check_every, place)
+    order = sorted(todo, key=lambda i: -len(ids[i]))
+    if batch_size is None:
+        batch_size = auto_batch_size(cfg, len(ids[order[0]]), int(limit.max()), memory_budget)
+        if place is not None:
+            batch_size *= place.rows
+    mult = 1 if place is None else place.rows
+    batch_size = -(-max(1, int(batch_size)) // mult) * mult
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=not progress, leave=False)
+
+    def done(i, r):
+        r.truncated = truncated[i]
+        results[i] = r
+        bar.update(1)
+
+    if continuous:
+        _run_continuous(job, order, batch_size, done)
+    else:
+        spare: dict = {}
+        for b0 in range(0, len(order), batch_size):
+            rows = order[b0:b0 + batch_size]
+            for i, r in zip(rows, _run_batch(job, rows, _batch_rows(len(rows), batch_size, mult), spare)):
+                done(i, r)
+    bar.close()
+    return results
+
+
+def tokenize_prompts(tokenizer, prompts, cfg: M.Config, chat_template: bool = False, truncate: str = "left"):
+    """(token ids per prompt, tokens dropped from the left per prompt): see the module docstring."""
     ids = _tokenize(tokenizer, prompts, chat_template)
     bos = getattr(tokenizer, "bos_token_id", None)
     ctx = cfg.max_pos
-    truncated = [0] * n
+    truncated = [0] * len(ids)
     for i, t in enumerate(ids):
-        name = where[i] if where is not None else f"prompt {i + 1}"
+        name = f"prompt {i + 1}"  # 1-based: `selfalign generate` names the file and line
         if not t:
             raise UserError(f"{name}: the prompt has no tokens (empty prompt and the tokenizer adds no BOS)")
         if len(t) > ctx - 1:
@@ -505,107 +796,103 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
             cut = len(t) - (ctx - 1)
             ids[i] = ([bos] + t[1 + cut:]) if keep_bos else t[cut:]
             truncated[i] = cut
-    if n == 0:
-        return []
-    if max_new_tokens == 0:
-        return [Result("", [], [], "length", len(t), c) for t, c in zip(ids, truncated)]
+    return ids, truncated
+
+
+def eos_ids(cfg: M.Config, tokenizer, ignore_eos: bool = False) -> tuple[int, ...]:
+    """cfg.eos_ids plus the tokenizer's EOS id, sorted (() with ignore_eos)."""
+    eos = set(cfg.eos_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    return () if ignore_eos else tuple(sorted(eos))
+
+
+def prepare(params: M.Params, cfg: M.Config, mesh, in_out_weights: bool | None):
+    """(params placed on the mesh and in the inference layout, Placement or None)."""
+    place = placement(cfg, mesh)
+    if place is not None:
+        params = place_params(params, cfg, mesh)
     if in_out_weights is None:  # CPU: decode matmuls are ~20% faster on [in, out] weights (a transient copy)
         in_out_weights = jax.default_backend() == "cpu" and M.num_params(params) * 4 <= (8 << 30)
     if in_out_weights:
         params = M.inference_layout(params)
-    eos = set(cfg.eos_ids)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        eos.add(int(tokenizer.eos_token_id))
-    eos = () if ignore_eos else tuple(sorted(eos))
-    pad = int(cfg.pad_id if cfg.pad_id is not None else 0)
-    order = sorted(range(n), key=lambda i: -len(ids[i]))
-    if batch_size is None:
-        batch_size = auto_batch_size(cfg, len(ids[order[0]]), max_new_tokens, memory_budget)
-    batch_size = max(1, int(batch_size))
-    results: list[Result | None] = [None] * n
-    spare: dict = {}
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, desc="generate", unit="prompt", disable=not progress, leave=False)
-    for b0 in range(0, n, batch_size):
-        rows = order[b0:b0 + batch_size]
-        out = _run_batch(params, cfg, tokenizer, [ids[i] for i in rows], rows, key, spare,
-                         temp[rows], topk[rows], topp[rows], pen[rows], max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, ngram=no_repeat_ngram, eos=eos, pad=pad, stop=stop,
-                         every=stop_check_every)
-        for i, r in zip(rows, out):
-            r.truncated = truncated[i]
-            results[i] = r
-        bar.update(len(rows))
-    bar.close()
-    return results
+    return params, place
 
 
-def _run_batch(params, cfg, tokenizer, ids, rows, key, spare, temp, topk, topp, pen, *, max_new_tokens,
-               batch_size, ngram, eos, pad, stop, every) -> list[Result]:
-    nb = len(ids)
-    B = pow2(nb) if pow2(nb) <= batch_size else batch_size
-    lens = np.array([len(t) for t in ids] + [1] * (B - nb), np.int32)
-    Tp = prompt_bucket(int(lens.max()) - 1)  # the prefill takes all prompt tokens but the last
-    limit = np.minimum(max_new_tokens, cfg.max_pos - lens).astype(np.int32)
-    limit[nb:] = 0
-    Tn = new_tokens_bucket(int(limit.max()))
-    tokens = np.full((B, Tp + 1), pad, np.int32)
-    for r, t in enumerate(ids):
-        tokens[r, Tp + 1 - len(t):] = t
-    tokens[nb:, -1] = pad
-
-    def padded(a, fill):
-        return np.concatenate([a, np.full((B - nb,), fill, a.dtype)])
-
-    idx = np.array(list(rows) + [0] * (B - nb), np.uint32)
-    keys = _row_keys(key, idx)
+def _run_batch(job: _Job, idx, B, spare) -> list[Result]:
+    """Static batching: prompts idx in one batch of B rows, decoded until the last row ends."""
+    nb = len(idx)
+    tokens, lens, keys, limit, temp, topk, topp, pen = job.rows(idx, B)
+    Tp = tokens.shape[1] - 1
+    Tn = new_tokens_bucket(int(np.asarray(limit).max()))
     cache = spare.pop((B, Tp + Tn), None)
     spare.clear()
     if cache is None:
-        cache = M.init_cache(cfg, B, Tp + Tn)
-    kw = dict(cfg=cfg, ngram=int(ngram), eos=eos, pad=pad)
-    st = _prefill(params, cache, tokens, lens, keys, limit, padded(temp, 0), padded(topk, 0),
-                  padded(topp, 1), padded(pen, 1), cfg=cfg)
+        cache = _init_cache(cfg=job.cfg, B=B, S=Tp + Tn, place=job.place)
+    st = _timed("prefill", lambda: _prefill(job.params, cache, tokens, lens, keys, limit, temp, topk, topp, pen,
+                                             cfg=job.cfg, place=job.place))
     stopped = np.zeros((B,), bool)
-    tails = [t[-PROMPT_TAIL:] for t in ids]
     while True:
-        until = min(int(st.step) + every, Tn) if stop else Tn
-        st = _decode(params, st, np.int32(until), stopped, **kw)
+        until = min(int(st.step) + job.every, Tn) if job.stop else Tn
+        st = _timed("decode", lambda: _decode(job.params, st, np.int32(until), _put(stopped, job.place), **job.kw()))
         out, length, done, step = jax.device_get((st.out, st.length, st.done, st.step))
-        if stop:
-            live = [r for r in range(nb) if not stopped[r] and length[r] > 0]
-            for r in live:
-                if _find_stop(_completion(tokenizer, tails[r], out[r, :length[r]].tolist()), stop) >= 0:
-                    stopped[r] = True
+        if job.stop:
+            job.check_stops({r: i for r, i in enumerate(idx) if not done[r]}, out, length, stopped)
         if (done | stopped)[:nb].all() or step >= Tn:
             break
     spare[(B, Tp + Tn)] = st.cache
     logp = np.asarray(st.logp)
-    res = []
-    for r in range(nb):
-        n_tok = int(length[r])
-        toks = out[r, :n_tok].tolist()
-        text = _completion(tokenizer, tails[r], toks)
-        reason = None
-        if stop and _find_stop(text, stop) >= 0:
-            lo, hi = 1, n_tok  # shortest prefix whose text holds a stop string
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if _find_stop(_completion(tokenizer, tails[r], toks[:mid]), stop) >= 0:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            n_tok, toks = lo, toks[:lo]
-            text = _completion(tokenizer, tails[r], toks)
-            text = text[:_find_stop(text, stop)]
-            reason = "stop"
-        if reason is None:
-            if toks and toks[-1] in eos:
-                reason = "eos"
-            elif n_tok >= max_new_tokens:
-                reason = "length"
-            else:
-                reason = "context"
-        res.append(Result(text, toks, logp[r, :n_tok].tolist(), reason, int(lens[r])))
-    return res
+    return [job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist()) for r, i in enumerate(idx)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "B", "S", "place"))
+def _init_cache(*, cfg: M.Config, B: int, S: int, place: Placement | None) -> M.Cache:
+    return _constrain_cache(M.init_cache(cfg, B, S), place)
+
+
+def _run_continuous(job: _Job, order, B, done) -> None:
+    """Continuous batching over B slots: whenever rows end (EOS, limit, stop string), the next pending prompts
+    are prefilled into their slots (`_insert`) and the decode goes on, until the queue is empty."""
+    ids = job.ids
+    lim = np.minimum(job.limit[order], job.cfg.max_pos - np.array([len(ids[i]) for i in order]))
+    Tp_max = prompt_bucket(max(len(ids[i]) for i in order) - 1)
+    Tn = new_tokens_bucket(int(lim.max()))
+    B = min(B, _batch_rows(len(order), B, 1 if job.place is None else job.place.rows))
+    st = _empty(jax.random.key(0), cfg=job.cfg, B=B, S=Tp_max + Tn, P=Tp_max + 1, Tn=Tn, place=job.place)
+    pending = collections.deque(order)
+    slot: dict[int, int] = {}  # row -> prompt index
+    stopped = np.ones((B,), bool)
+    mult = 1 if job.place is None else job.place.rows
+    while True:
+        free = [r for r in range(B) if r not in slot]
+        if pending and free:
+            take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+            R = min(B, -(-pow2(len(take)) // mult) * mult)
+            rows = free[:len(take)]
+            slots = _put(np.array(rows + [B] * (R - len(take)), np.int32), job.place)
+            st = _timed("prefill", lambda: _insert(job.params, st, *_with_slots(job.rows(take, R), slots), cfg=job.cfg,
+                                                   place=job.place))
+            for r, i in zip(rows, take):
+                slot[r] = i
+                stopped[r] = False
+        if not slot:
+            break
+        until = int(st.step) + job.every if job.stop else np.iinfo(np.int32).max
+        want = 1 if pending else B + 1
+        st = _timed("decode", lambda: _decode(job.params, st, np.int32(until), _put(stopped, job.place), np.int32(want),
+                                              **job.kw()))
+        out, length, fin = jax.device_get((st.out, st.length, st.done))
+        if job.stop:
+            job.check_stops({r: i for r, i in slot.items() if not fin[r]}, out, length, stopped)
+        ended = [r for r in slot if fin[r] or stopped[r]]
+        if ended:
+            logp = np.asarray(st.logp)
+            for r in ended:
+                i = slot.pop(r)
+                stopped[r] = True
+                done(i, job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist()))
+
+
+def _with_slots(rows, slots):
+    tokens, lens, keys, limit, temp, topk, topp, pen = rows
+    return tokens, lens, slots, keys, limit, temp, topk, topp, pen

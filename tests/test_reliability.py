@@ -54,7 +54,7 @@ def test_truncated_safetensors_refused(src, tmp_path):
     st = d / "model.safetensors"
     with open(st, "r+b") as f:
         f.truncate(st.stat().st_size - 1000)
-    msg = _one_line(lambda: checkpoint.load(d), r"model\.safetensors: tensor .*: data ends at byte \d+ but the file")
+    msg = _one_line(lambda: checkpoint.load(d), r"model\.safetensors: tensor .*: data_offsets .* outside the file")
     assert str(st) in msg
 
 
@@ -66,7 +66,7 @@ def test_offsets_past_end_refused(src, tmp_path):
         size = e["data_offsets"][1] - e["data_offsets"][0]
         e["data_offsets"] = [10 ** 7, 10 ** 7 + size]
     _rewrite_header(d / "model.safetensors", edit)
-    _one_line(lambda: checkpoint.load(d), r"tensor model\.norm\.weight: data ends at byte 10000\d+")
+    _one_line(lambda: checkpoint.load(d), r"tensor model\.norm\.weight: data_offsets \[10000\d+, \d+\] outside")
 
 
 def test_short_read_refused(src, tmp_path, monkeypatch):
@@ -78,12 +78,12 @@ def test_short_read_refused(src, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("zero", r"not a safetensors file \(0 bytes"),
-    ("short", r"header length \d+ is past the end of the file \(100 bytes\)"),
-    ("absurd", r"header length 1152921504606846976 is past the end"),
+    ("zero", r"not a safetensors file \(0 bytes\)"),
+    ("short", r"header length \d+ does not fit the file \(100 bytes\)"),
+    ("absurd", r"header length 1152921504606846976 does not fit"),
     ("badjson", r"safetensors header is not valid JSON"),
     ("f8", r"tensor lm_head\.weight: unsupported dtype 'F8_E4M3'"),
-    ("shape", r"tensor lm_head\.weight: data_offsets .* hold \d+ bytes, shape"),
+    ("shape", r"tensor lm_head\.weight: \d+ bytes for shape \(3, 3\) F32"),
 ])
 def test_bad_safetensors_one_line(src, tmp_path, case, match):
     d = _copy(src, tmp_path)
@@ -105,8 +105,8 @@ def test_bad_safetensors_one_line(src, tmp_path, case, match):
 
 
 @pytest.mark.parametrize("index,match", [
-    ("{not json", "not valid JSON"), ('{"weight_map": [1, 2]}', "field 'weight_map' must be"),
-    ('[]', "field 'weight_map' must be"), ('{"weight_map": {"a": "../x.safetensors"}}', "bad shard file name"),
+    ("{not json", "not a valid shard index .not valid JSON"), ('{"weight_map": [1, 2]}', "it needs"),
+    ('[]', "it needs"), ('{"weight_map": {"a": "../x.safetensors"}}', "bad shard file name"),
     ('{"weight_map": {"a": "x.safetensors"}}', "shard x.safetensors is missing")])
 def test_bad_shard_index_one_line(src, tmp_path, index, match):
     d = _copy(src, tmp_path)
@@ -121,14 +121,14 @@ def test_bad_shard_index_one_line(src, tmp_path, index, match):
 def test_config_not_an_object(src, tmp_path, name, text):
     d = _copy(src, tmp_path)
     (d / name).write_text(text)
-    assert name in _one_line(lambda: checkpoint.load(d), "expected a JSON object|eos_token_id")
+    assert name in _one_line(lambda: checkpoint.load(d), "not a JSON object|eos_token_id")
 
 
 def test_tokenizer_past_vocab_refused(tmp_path):
     d = tmp_path / "small"
     fx.make_model("llama", d, vocab_size=100)  # the fixture tokenizer has 128 ids
-    msg = _one_line(lambda: checkpoint.load_tokenizer(d), "the tokenizer has 128 token ids but the model has "
-                    "vocab_size 100")
+    msg = _one_line(lambda: checkpoint.load_tokenizer(d), "the tokenizer has 128 tokens but the model's "
+                    "vocab_size is 100")
     assert str(d) in msg
     from selfalign_jax.commands.inspect_model import summary
     assert summary(d)["tokenizer"] == "128 ids (MORE than vocab_size 100: refused at load)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
 from pathlib import Path
 from typing import Literal
@@ -28,6 +30,18 @@ def read_prompts(path: Path) -> tuple[list[dict], list[str]]:
     return rows, where
 
 
+@contextlib.contextmanager
+def _prompt_lines(where: list[str]):
+    """A sampler message about "prompt N" (1-based) names the prompt's file and line instead."""
+    try:
+        yield
+    except UserError as e:
+        m = re.match(r"prompt (\d+): (.*)", str(e))
+        if m is None or not 1 <= int(m.group(1)) <= len(where):
+            raise
+        raise UserError(f"{where[int(m.group(1)) - 1]}: {m.group(2)}") from None
+
+
 def main(
     model: Path,
     prompts: Path,
@@ -45,6 +59,13 @@ def main(
     chat_template: bool = False,
     truncate: Literal["left", "error"] = "left",
     dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+    mesh: str | None = None,
+    continuous: bool = False,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    length_penalty: float = 1.0,
+    early_stopping: Literal["false", "true", "never"] = "false",
+    exponential_decay_length_penalty: tuple[int, float] | None = None,
 ) -> None:
     """Generate a completion for every {"prompt": ...} line of PROMPTS; write each input object plus "completion".
 
@@ -68,8 +89,18 @@ def main(
         chat_template: wrap each prompt in the tokenizer's chat template as a user turn.
         truncate: a prompt longer than the context: drop tokens from the left, or fail.
         dtype: parameter/compute dtype (auto: float32 on CPU, bfloat16 on accelerators).
+        mesh: shard over the devices as in training, e.g. data=2,tensor=4 (parameters by the model's sharding
+            rules, prompts over data x fsdp); default: one device.
+        continuous: continuous batching (a finished row's slot is refilled with the next prompt).
+        num_beams: beam search with this many beams (1 = off); with --do-sample: beam-sample.
+        do_sample: with --num-beams > 1: beam-sample (draw the candidates) instead of beam search.
+        length_penalty: beams: a hypothesis scores (sum of log-probs) / length ** length_penalty.
+        early_stopping: beams: transformers' early_stopping (false: its heuristic; true: stop at num_beams
+            finished hypotheses; never: the canonical search).
+        exponential_decay_length_penalty: beams: START FACTOR, raise the EOS score by FACTOR per token after START.
     """
-    from selfalign_jax import sampling
+    from selfalign_jax import beam
+    from selfalign_jax import mesh as MS
     from selfalign_jax.loaded import LoadedModel
 
     fileio.check_output(out, inputs={"--prompts": prompts, "--model": model})
@@ -82,11 +113,17 @@ def main(
     lm = LoadedModel.load(model, dtype)
     cfg, params, tok = lm.cfg, lm.params, lm.tokenizer
     t0 = time.perf_counter()
-    res = sampling.generate(params, cfg, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+    extra = dict(continuous=continuous) if num_beams == 1 else {}
+    with _prompt_lines(where):
+        res = beam.generate(params, cfg, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
                             stop=() if no_stop else stop, seed=seed, batch_size=batch_size,
-                            chat_template=chat_template, truncate=truncate, progress=True, where=where)
+                            chat_template=chat_template, truncate=truncate, progress=True,
+                            mesh=MS.make_mesh(mesh) if mesh else None, num_beams=num_beams,
+                            do_sample=do_sample or num_beams == 1, length_penalty=length_penalty,
+                            early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
+                            exponential_decay_length_penalty=exponential_decay_length_penalty, **extra)
     dt = time.perf_counter() - t0
     fileio.write_jsonl(out, [{**row, "completion": r.text} for row, r in zip(rows, res)])
     n_tok = sum(len(r.token_ids) for r in res)
