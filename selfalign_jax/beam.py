@@ -109,15 +109,17 @@ def _warp(x_RxV, temperature_R, top_k_R, top_p_R, keep_min: int):
     return jnp.where(keep, z, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "nb", "Tn", "sample", "early", "ngram", "eos", "pad", "place"))
+@functools.partial(jax.jit, static_argnames=("cfg", "nb", "Tn", "sample", "early", "ngram", "eos", "pad", "place",
+                                             "penalize_prompt"))
 def _search(params, tokens_nxP, lens_n, keys_n, limit_n, temperature_n, top_k_n, top_p_n, penalty_n, length_penalty,
             decay_start, decay_factor, *, cfg: M.Config, nb: int, Tn: int, sample: bool, early, ngram: int,
-            eos: tuple[int, ...], pad: int, place: sampling.Placement | None) -> BeamState:
+            eos: tuple[int, ...], pad: int, place: sampling.Placement | None,
+            penalize_prompt: bool = True) -> BeamState:
     sampling.TRACES["beam"] += 1
     n, P = tokens_nxP.shape
     Tp, V, R = P - 1, cfg.vocab_size, n * nb
     K = _min_keep(eos) * nb
-    fresh, valid = sampling._fresh_rows(tokens_nxP, lens_n, Tn, V, pad)
+    fresh, valid = sampling._fresh_rows(tokens_nxP, lens_n, Tn, V, pad, penalize_prompt)
     cache = sampling._prefill_cache(params, cfg, tokens_nxP[:, :Tp], M.positions(valid)[:, :Tp],
                              sampling._constrain_cache(M.init_cache(cfg, n, Tp + Tn), place))
     rep = lambda x: jnp.repeat(x, nb, axis=0)  # noqa: E731
@@ -223,7 +225,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
              stop: Sequence[str] = MARKERS, seed: int = 0, key=None, batch_size: int | None = None,
              memory_budget: int | None = None, chat_template: bool = False, truncate: str = "left",
              ignore_eos: bool = False, mesh=None, in_out_weights: bool | None = None, progress: bool = False,
-             **sampling_kw) -> list[sampling.Result]:
+             penalize_prompt: bool = True, **sampling_kw) -> list[sampling.Result]:
     """Beam search (do_sample=False) or beam-sample (do_sample=True); num_beams=1: sampling.generate (with
     temperature 0 unless do_sample). See the module docstring."""
     if num_beams < 1:
@@ -236,7 +238,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
     common = dict(max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                   no_repeat_ngram=no_repeat_ngram, stop=stop, seed=seed, key=key, batch_size=batch_size,
                   memory_budget=memory_budget, chat_template=chat_template, truncate=truncate, ignore_eos=ignore_eos,
-                  mesh=mesh, in_out_weights=in_out_weights, progress=progress)
+                  mesh=mesh, in_out_weights=in_out_weights, progress=progress, penalize_prompt=penalize_prompt)
     if num_beams == 1:
         if exponential_decay_length_penalty is not None:
             raise UserError("exponential_decay_length_penalty needs num_beams > 1 here")
@@ -281,7 +283,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
         st = _search(params, tokens, lens, keys, lim, t_, k_, p_, r_, np.float32(length_penalty),
                      np.int32(decay[0]), np.float32(decay[1]), cfg=cfg, nb=int(num_beams), Tn=Tn,
                      sample=bool(do_sample), early=early_stopping, ngram=int(no_repeat_ngram), eos=eos, pad=pad,
-                     place=place)
+                     place=place, penalize_prompt=bool(penalize_prompt))
         out, logp, length = jax.device_get((st.fin_out[:, 0], st.fin_logp[:, 0], st.fin_len[:, 0]))
         for r, i in enumerate(idx):
             res = job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist())

@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "eval": "evaluate",
     "demo": "demo",
     "plan": "plan",
+    "report": "report",
 }
 
 

@@ -94,6 +94,7 @@ class GenConfig:
     length_penalty: float = 1.0  # beams: a hypothesis scores sum log-prob / length ** length_penalty
     early_stopping: bool | Literal["never"] = False  # beams: transformers' early_stopping
     exponential_decay_length_penalty: tuple[int, float] | None = None  # beams: (start, factor) raises EOS after start
+    penalize_prompt: bool = True  # False: repetition penalty and n-gram ban over the generated tokens only
 
     def __post_init__(self) -> None:
         _check([(self.max_new_tokens >= 1, "max-new-tokens must be >= 1"),

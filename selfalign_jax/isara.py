@@ -58,7 +58,8 @@ def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_
                         batch_size=batch_size, progress=True, num_beams=gen.num_beams,
                         do_sample=gen.do_sample or gen.num_beams == 1, length_penalty=gen.length_penalty,
                         early_stopping=gen.early_stopping,
-                        exponential_decay_length_penalty=gen.exponential_decay_length_penalty)
+                        exponential_decay_length_penalty=gen.exponential_decay_length_penalty,
+                        penalize_prompt=gen.penalize_prompt)
     return [cut(r.text) for r in res]
 
 

@@ -436,32 +436,35 @@ def _prefill_cache(params, cfg: M.Config, tokens_BxT, pos_BxT, cache: M.Cache) -
     return jax.lax.scan(body, cache, (split(tokens_BxT), split(pos_BxT)))[0]
 
 
-def _fresh_rows(tokens_BxP, lens_B, Tn: int, V: int, pad: int):
-    """The per-row state of new prompts (left-padded to P columns): hist, seen, last, pos, valid, positions."""
+def _fresh_rows(tokens_BxP, lens_B, Tn: int, V: int, pad: int, penalize_prompt: bool = True):
+    """The per-row state of new prompts (left-padded to P columns): hist, seen, last, pos, valid, positions.
+    penalize_prompt=False: the prompt is left out of hist and seen, so the repetition penalty and the n-gram
+    ban see the generated tokens only."""
     B, P = tokens_BxP.shape
     valid = jnp.arange(P)[None, :] >= (P - lens_B)[:, None]
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, P))
+    seen_ok = valid if penalize_prompt else jnp.zeros_like(valid)
     return dict(
-        hist=jnp.concatenate([jnp.where(valid, tokens_BxP, -1), jnp.full((B, Tn), -1, jnp.int32)], axis=1),
+        hist=jnp.concatenate([jnp.where(seen_ok, tokens_BxP, -1), jnp.full((B, Tn), -1, jnp.int32)], axis=1),
         out=jnp.full((B, Tn), pad, jnp.int32),
         logp=jnp.zeros((B, Tn), jnp.float32),
         last=tokens_BxP[:, -1],
         pos=lens_B - 1,
-        seen=jnp.zeros((B, V), bool).at[rows, jnp.where(valid, tokens_BxP, V)].set(True, mode="drop"),
+        seen=jnp.zeros((B, V), bool).at[rows, jnp.where(seen_ok, tokens_BxP, V)].set(True, mode="drop"),
         length=jnp.zeros((B,), jnp.int32),
     ), valid
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "place"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "place", "penalize_prompt"), donate_argnames=("cache",))
 def _prefill(params, cache: M.Cache, tokens_BxP, lens_B, keys_B, limit_B, temperature_B, top_k_B, top_p_B,
-             penalty_B, *, cfg: M.Config, place: Placement | None = None) -> State:
+             penalty_B, *, cfg: M.Config, place: Placement | None = None, penalize_prompt: bool = True) -> State:
     """All prompt tokens but the last into the (reused, donated) cache, in chunks; the last one is the first
     decode step's input, so the token choice (and the LM head) is compiled only once, in the decode."""
     TRACES["prefill"] += 1
     B, P = tokens_BxP.shape
     Tp = P - 1
     S = cache.pos_BxS.shape[1]
-    fresh, valid = _fresh_rows(tokens_BxP, lens_B, S - Tp, cfg.vocab_size, cfg.pad_id or 0)
+    fresh, valid = _fresh_rows(tokens_BxP, lens_B, S - Tp, cfg.vocab_size, cfg.pad_id or 0, penalize_prompt)
     cache = M.Cache(k=cache.k, v=cache.v, pos_BxS=jnp.full((B, S), -1, jnp.int32), end=jnp.zeros((), jnp.int32))
     cache = _prefill_cache(params, cfg, tokens_BxP[:, :Tp], M.positions(valid)[:, :Tp], _constrain_cache(cache, place))
     return _constrain(State(cache=cache, done=limit_B <= 0, step=jnp.zeros((), jnp.int32), keys=keys_B,
@@ -481,9 +484,9 @@ def _empty(key, *, cfg: M.Config, B: int, S: int, P: int, Tn: int, place: Placem
                             penalty=zf + 1, **fresh), place)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "place"), donate_argnames=("st",))
+@functools.partial(jax.jit, static_argnames=("cfg", "place", "penalize_prompt"), donate_argnames=("st",))
 def _insert(params, st: State, tokens_RxP, lens_R, slots_R, keys_R, limit_R, temperature_R, top_k_R, top_p_R,
-            penalty_R, *, cfg: M.Config, place: Placement | None = None) -> State:
+            penalty_R, *, cfg: M.Config, place: Placement | None = None, penalize_prompt: bool = True) -> State:
     """Continuous batching: prefill R new prompts and put them in the slots `slots_R` (B = dropped) of a running
     batch. The cache is a ring over its S slots: every row writes its next token at slot `end` (mod S), so a new
     row's prompt goes to the Tp slots before `end` and its decode to the slots from `end` on (the static layout,
@@ -494,7 +497,7 @@ def _insert(params, st: State, tokens_RxP, lens_R, slots_R, keys_R, limit_R, tem
     Tp = Pr - 1
     B, S = st.cache.pos_BxS.shape
     Pm, Tn = st.hist.shape[1] - st.out.shape[1], st.out.shape[1]
-    fresh, valid = _fresh_rows(tokens_RxP, lens_R, Tn, cfg.vocab_size, cfg.pad_id or 0)
+    fresh, valid = _fresh_rows(tokens_RxP, lens_R, Tn, cfg.vocab_size, cfg.pad_id or 0, penalize_prompt)
     fresh["hist"] = jnp.concatenate([jnp.full((R, Pm - Pr), -1, jnp.int32), fresh["hist"]], axis=1)
     dt = st.cache.k[0].dtype
     new = _prefill_cache(params, cfg, tokens_RxP[:, :Tp], M.positions(valid)[:, :Tp], M.init_cache(cfg, R, Tp, dt))
@@ -654,6 +657,7 @@ class _Job:
     stop: tuple
     every: int
     place: Placement | None
+    penalize_prompt: bool = True  # False: penalties over the generated tokens only
 
     def kw(self):
         return dict(cfg=self.cfg, ngram=self.ngram, eos=self.eos, pad=self.pad, place=self.place)
@@ -712,8 +716,10 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
              batch_size: int | None = None, memory_budget: int | None = None, chat_template: bool = False,
              truncate: str = "left", ignore_eos: bool = False, stop_check_every: int = 8,
              progress: bool = False, in_out_weights: bool | None = None, mesh=None,
-             continuous: bool = False) -> list[Result]:
-    """Generate a completion for every prompt; results in input order (see the module docstring)."""
+             continuous: bool = False, penalize_prompt: bool = True) -> list[Result]:
+    """Generate a completion for every prompt; results in input order (see the module docstring).
+    penalize_prompt=False: the repetition penalty and the n-gram ban see the generated tokens only
+    (transformers' `generate`, the default, applies both to prompt + generated ids)."""
     n = len(prompts)
     if no_repeat_ngram < 0 or stop_check_every < 1:
         raise UserError("no_repeat_ngram must be >= 0, stop_check_every >= 1")
@@ -750,7 +756,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
     params, place = prepare(params, cfg, mesh, in_out_weights)
     job = _Job(params, cfg, tokenizer, ids, key, temp, topk, topp, pen, limit, int(no_repeat_ngram),
                eos_ids(cfg, tokenizer, ignore_eos), int(cfg.pad_id if cfg.pad_id is not None else 0), stop,
-               stop_check_every, place)
+               stop_check_every, place, bool(penalize_prompt))
     order = sorted(todo, key=lambda i: -len(ids[i]))
     if batch_size is None:
         batch_size = auto_batch_size(cfg, len(ids[order[0]]), int(limit.max()), memory_budget)
@@ -830,7 +836,8 @@ def _run_batch(job: _Job, idx, B, spare) -> list[Result]:
     if cache is None:
         cache = _init_cache(cfg=job.cfg, B=B, S=Tp + Tn, place=job.place)
     st = _timed("prefill", lambda: _prefill(job.params, cache, tokens, lens, keys, limit, temp, topk, topp, pen,
-                                             cfg=job.cfg, place=job.place))
+                                             cfg=job.cfg, place=job.place,
+                                             penalize_prompt=job.penalize_prompt))
     stopped = np.zeros((B,), bool)
     while True:
         until = min(int(st.step) + job.every, Tn) if job.stop else Tn
@@ -871,7 +878,7 @@ def _run_continuous(job: _Job, order, B, done) -> None:
             rows = free[:len(take)]
             slots = _put(np.array(rows + [B] * (R - len(take)), np.int32), job.place)
             st = _timed("prefill", lambda: _insert(job.params, st, *_with_slots(job.rows(take, R), slots), cfg=job.cfg,
-                                                   place=job.place))
+                                                   place=job.place, penalize_prompt=job.penalize_prompt))
             for r, i in zip(rows, take):
                 slot[r] = i
                 stopped[r] = False

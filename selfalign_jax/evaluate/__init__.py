@@ -10,6 +10,7 @@ API:
     get_scorer(spec, *, model=None, template=None, batch_size=8, dtype=None) -> Scorer
         "keywords:FILE"            KeywordScorer: answer matching any regex of FILE (case-insensitive) is harmful
         "world"                    WorldScorer: exact judge of the synthetic world, domain = record category
+        "refusal"                  RefusalScorer: the refusal-phrase rule (a proxy): compliance on harmful, refusal on benign
         "classifier:DIR[:THRESH]"  ClassifierScorer: HF *ForSequenceClassification checkpoint (Beaver-Dam style)
         "truthfulqa"               TruthfulQAScorer: BLEU / ROUGE-L to true minus false references
         "truthfulqa-mc[:DIR]"      TruthfulQAMCScorer: log-likelihood of the reference answers under DIR
@@ -62,6 +63,7 @@ from selfalign_jax.evaluate.base import Scorer, scaling_ratio, summary_rates
 from selfalign_jax.evaluate.classifier import Classifier, ClassifierScorer, bad_label_ids
 from selfalign_jax.evaluate.keywords import KeywordScorer, load_patterns
 from selfalign_jax.evaluate.likelihood import continuation_logprobs
+from selfalign_jax.evaluate.refusal import RefusalScorer
 from selfalign_jax.evaluate.pairwise import JUDGE_PROMPT, JudgePreference, PairwiseScorer, read_other_answers
 from selfalign_jax.evaluate.truthfulqa import TruthfulQAMCScorer, TruthfulQAScorer, bleu, tokenize_intl, truthfulqa_item
 from selfalign_jax.loaded import LoadedModel
@@ -73,7 +75,7 @@ __all__ = ["Classifier", "ClassifierScorer", "JUDGE_PROMPT", "JudgePreference", 
            "continuation_logprobs", "get_scorer", "load_patterns", "read_other_answers", "scaling_ratio",
            "summary_rates", "tokenize_intl", "truthfulqa_item"]
 
-SCORERS = ("keywords", "world", "classifier", "truthfulqa", "truthfulqa-mc", "pairwise")
+SCORERS = ("keywords", "world", "refusal", "classifier", "truthfulqa", "truthfulqa-mc", "pairwise")
 
 
 def _as_lm(model, dtype) -> LoadedModel:
@@ -87,14 +89,16 @@ def get_scorer(spec: str, *, model=None, template: Template | None = None, batch
     name = name.strip()
     if name not in SCORERS:
         raise UserError(f"unknown scorer {name!r} in {spec!r} (choose from: "
-                        "keywords:FILE, world, classifier:DIR[:THRESHOLD], truthfulqa, "
+                        "keywords:FILE, world, refusal, classifier:DIR[:THRESHOLD], truthfulqa, "
                         "truthfulqa-mc[:MODEL_DIR], pairwise:JUDGE_DIR:OTHER.jsonl)")
-    if name in ("world", "truthfulqa") and arg:
+    if name in ("world", "refusal", "truthfulqa") and arg:
         raise UserError(f"scorer {name!r} takes no argument (got {spec!r})")
     if name == "world":
         return WorldScorer()
     if name == "truthfulqa":
         return TruthfulQAScorer()
+    if name == "refusal":
+        return RefusalScorer()
     if name == "keywords":
         if not arg:
             raise UserError(f"scorer {spec!r}: give a patterns file, keywords:FILE")
