@@ -10,7 +10,8 @@ API:
     get_scorer(spec, *, model=None, template=None, batch_size=8, dtype=None) -> Scorer
         "keywords:FILE"            KeywordScorer: answer matching any regex of FILE (case-insensitive) is harmful
         "world"                    WorldScorer: exact judge of the synthetic world, domain = record category
-        "refusal"                  RefusalScorer: the refusal-phrase rule (a proxy): compliance on harmful, refusal on benign
+        "refusal"                  RefusalScorer: the refusal-phrase rule (a proxy): compliance on harmful,
+                                   refusal on benign
         "classifier:DIR[:THRESH]"  ClassifierScorer: HF *ForSequenceClassification checkpoint (Beaver-Dam style)
         "truthfulqa"               TruthfulQAScorer: BLEU / ROUGE-L to true minus false references
         "truthfulqa-mc[:DIR]"      TruthfulQAMCScorer: log-likelihood of the reference answers under DIR
