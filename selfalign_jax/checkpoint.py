@@ -38,6 +38,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                  "gemma3_text": "Gemma3ForCausalLM", "opt": "OPTForCausalLM"}
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
+# config entries that make transformers import code from the checkpoint: never exported
+REMOTE_CODE = ("auto_map", "trust_remote_code", "custom_pipelines")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -48,15 +50,20 @@ def read_config(model_dir) -> dict:
     p = d / "config.json"
     if not p.is_file():
         raise UserError(f"{d}: no config.json (not a Hugging Face model directory)")
-    try:
-        raw = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: not a JSON object")
+    raw = _json_object(p)
     mt = raw.get("model_type")
     if mt not in M.FAMILIES:
         raise UserError(f"{p}: unsupported model_type {mt!r} (supported: {', '.join(M.FAMILIES)})")
+    return raw
+
+
+def _json_object(p: Path) -> dict:
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: not a JSON object (got {type(raw).__name__})")
     return raw
 
 
@@ -64,7 +71,9 @@ def _generation_eos(model_dir) -> list[int]:
     p = Path(model_dir) / "generation_config.json"
     if not p.is_file():
         return []
-    e = json.loads(p.read_text()).get("eos_token_id")
+    e = _json_object(p).get("eos_token_id")
+    if not (e is None or isinstance(e, int) or (isinstance(e, list) and all(isinstance(i, int) for i in e))):
+        raise UserError(f"{p}: field 'eos_token_id' must be an integer or a list of integers, got {e!r}")
     return [] if e is None else ([e] if isinstance(e, int) else list(e))
 
 
@@ -251,8 +260,8 @@ MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
-    """(tensor name -> header entry, data start) of one safetensors file, every entry checked: known
-    dtype, integer shape, byte extent = shape x itemsize and inside the file."""
+    """The tensor entries of a safetensors file and where its data starts; every entry's dtype, shape
+    and byte range are checked against the file's size (a truncated file is refused here, not read)."""
     size = path.stat().st_size
     if size < 8:
         raise UserError(f"{path}: not a safetensors file ({size} bytes)")
@@ -264,43 +273,57 @@ def _read_header(path: Path) -> tuple[dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
-        raise UserError(f"{path}: header is not a JSON object")
+        raise UserError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
-    data = size - 8 - n
+    start = 8 + n
     for name, e in header.items():
-        where = f"{path}: tensor {name}"
-        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
-            raise UserError(f"{where}: header entry lacks dtype / shape / data_offsets")
-        if e["dtype"] not in ST_DTYPES:
-            raise UserError(f"{where}: unsupported dtype {e['dtype']!r} (supported: {', '.join(ST_DTYPES)})")
-        shape, off = e["shape"], e["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(off, list) and len(off) == 2 and all(isinstance(o, int) for o in off)):
-            raise UserError(f"{where}: malformed shape {shape!r} or data_offsets {off!r}")
-        a, b = off
-        if not 0 <= a <= b <= data:
-            raise UserError(f"{where}: data_offsets [{a}, {b}] outside the file's {data} data bytes "
-                            "(file cut short?)")
-        if b - a != math.prod(shape) * np.dtype(ST_DTYPES[e["dtype"]]).itemsize:
-            raise UserError(f"{where}: {b - a} bytes for shape {tuple(shape)} {e['dtype']}")
-    return header, 8 + n
+        _check_entry(path, name, e, size - start)
+    return header, start
+
+
+def _check_entry(path: Path, name: str, e, data_bytes: int) -> None:
+    where = f"{path}: tensor {name}"
+    if not isinstance(e, dict):
+        raise UserError(f"{where}: header entry is not an object")
+    if e.get("dtype") not in ST_DTYPES:
+        raise UserError(f"{where}: unsupported dtype {e.get('dtype')!r} (supported: {', '.join(ST_DTYPES)})")
+    shape, offs = e.get("shape"), e.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise UserError(f"{where}: bad shape {shape!r}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+            and 0 <= offs[0] <= offs[1]):
+        raise UserError(f"{where}: bad data_offsets {offs!r}")
+    nbytes = math.prod(shape) * np.dtype(ST_DTYPES[e["dtype"]]).itemsize
+    if offs[1] - offs[0] != nbytes:
+        raise UserError(f"{where}: {offs[1] - offs[0]} bytes for shape {tuple(shape)} {e['dtype']} "
+                        f"(needs {nbytes})")
+    if offs[1] > data_bytes:
+        raise UserError(f"{where}: data_offsets {offs} outside the file's {data_bytes} data bytes "
+                        "(file cut short?)")
+
+
+def _shard_files(index: Path) -> list[str]:
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{index}: not a valid shard index (not valid JSON: {e})") from None
+    wmap = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise UserError(f"{index}: not a valid shard index: it needs {{\"weight_map\": {{tensor: file}}}}")
+    for name, fn in wmap.items():
+        if not isinstance(fn, str) or Path(fn).name != fn or fn.startswith("."):
+            raise UserError(f"{index}: not a valid shard index: weight_map[{name!r}]: bad shard file name {fn!r}")
+    return sorted(set(wmap.values()))
 
 
 def _index(model_dir: Path) -> dict[str, tuple[Path, dict, int]]:
     """tensor name -> (file, header entry, data start) over model.safetensors or a sharded index."""
     single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(wmap.values()))
-            if not all(isinstance(f, str) for f in files):
-                raise TypeError("file names must be strings")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index}: not a valid shard index ({type(e).__name__}: {e}); it needs "
-                            '{"weight_map": {tensor: file}}') from None
+        files = _shard_files(index)
     elif single.is_file():
         files = ["model.safetensors"]
     else:
@@ -332,7 +355,7 @@ def read_tensors(model_dir, names, dtype):
         for name in names:
             path, e, start = index[name]
             f = files.get(path) or files.setdefault(path, open(path, "rb"))
-            yield _read_tensor(f, e, start, dtype)
+            yield _read_tensor(f, name, e, start, dtype)
     finally:
         for f in files.values():
             f.close()
@@ -346,16 +369,15 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
-def _read_tensor(f, e: dict, start: int, dtype, name: str = "?") -> np.ndarray:
-    """One tensor from an open safetensors file into an aligned host array of `dtype` (every byte read,
-    or one line naming the file and tensor)."""
+def _read_tensor(f, name: str, e: dict, start: int, dtype) -> np.ndarray:
+    """One tensor from an open safetensors file into an aligned host array of `dtype`."""
     a, b = e["data_offsets"]
     src_dt = np.dtype(ST_DTYPES[e["dtype"]])
     arr = _aligned_empty(tuple(e["shape"]), src_dt)
     f.seek(start + a)
     got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) if arr.nbytes else 0
-    if got != b - a:
-        raise UserError(f"{f.name}: tensor {name}: read {got} of {b - a} bytes (file cut short?)")
+    if got != b - a:  # the file shrank since its header was checked
+        raise UserError(f"{f.name}: tensor {name}: read {got} of {b - a} bytes (file truncated?)")
     if src_dt != np.dtype(dtype):
         out = _aligned_empty(arr.shape, dtype)
         out[...] = arr
@@ -394,7 +416,7 @@ def load(model_dir, dtype: str | None = None, shardings: M.Params | None = None)
         for n, sh in zip(flat_names, flat_sh):
             path, e, start = index[resolve[n]]
             f = files.get(path) or files.setdefault(path, open(path, "rb"))
-            arr = _read_tensor(f, e, start, dtype, resolve[n])
+            arr = _read_tensor(f, resolve[n], e, start, dtype)
             # may_alias: on CPU the aligned host buffer becomes the device buffer (no second copy)
             leaves.append(jax.device_put(arr, sh, may_alias=True))
             del arr
@@ -404,22 +426,65 @@ def load(model_dir, dtype: str | None = None, shardings: M.Params | None = None)
     return cfg, jax.tree.unflatten(treedef, leaves)
 
 
-def load_tokenizer(model_dir):
-    """The checkpoint's tokenizer, via transformers, local files only, no remote code."""
+def load_tokenizer(model_dir, check: bool = True):
+    """The checkpoint's tokenizer, via transformers, local files only, no remote code; with `check`, one
+    whose ids reach past the model's vocab_size is refused."""
     from transformers import AutoTokenizer
 
     d = Path(model_dir)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
         raise UserError(f"{d}: no tokenizer (need tokenizer.json, tokenizer.model or vocab files)")
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
-    try:
-        vocab = json.loads((d / "config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        vocab = None
-    if isinstance(vocab, int) and len(tok) > vocab:  # ids past the embedding rows: never fed to the model
-        raise UserError(f"{d}: the tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab} "
-                        "(ids past the embedding)")
+    if check and (d / "config.json").is_file():
+        check_vocab(tok, read_config(d).get("vocab_size"), d)
     return tok
+
+
+def tokenizer_size(tok) -> int:
+    """One past the largest id the tokenizer can produce (added tokens included)."""
+    return max(max(tok.get_vocab().values(), default=-1) + 1, len(tok))
+
+
+def check_vocab(tok, vocab_size, where) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding rows (they would index garbage)."""
+    n = tokenizer_size(tok)
+    if isinstance(vocab_size, int) and n > vocab_size:
+        raise UserError(f"{where}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}: "
+                        "ids past the embedding rows; the tokenizer does not belong to this model")
+
+
+def _drop_remote_code(p: Path) -> None:
+    """Remove remote-code entries from a copied JSON config (the copy is rewritten only if it had any)."""
+    if not p.is_file():
+        return
+    raw = _json_object(p)
+    if any(k in raw for k in REMOTE_CODE):
+        p.write_text(json.dumps({k: v for k, v in raw.items() if k not in REMOTE_CODE}, indent=2,
+                                ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _trim_added_tokens(d: Path, vocab_size: int) -> None:
+    """Drop added tokens with ids past the model's embedding rows from a tokenizer built in memory
+    (transformers' GGUF conversion may add e.g. <|endoftext|> at id vocab_size): the model has no row
+    for them, so the exported tokenizer must not produce them."""
+    tj, tc = d / "tokenizer.json", d / "tokenizer_config.json"
+    if not tj.is_file():
+        return
+    raw = _json_object(tj)
+    extra = [t for t in raw.get("added_tokens") or [] if t.get("id", 0) >= vocab_size]
+    if not extra:
+        return
+    gone = {t["content"] for t in extra}
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t.get("id", 0) < vocab_size]
+    tj.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    if tc.is_file():
+        conf = _json_object(tc)
+        dec = conf.get("added_tokens_decoder")
+        if isinstance(dec, dict):
+            conf["added_tokens_decoder"] = {k: v for k, v in dec.items() if not (k.isdigit() and int(k) >= vocab_size)}
+        for k in [k for k, v in conf.items() if k.endswith("_token") and isinstance(v, str) and v in gone]:
+            conf[k] = None
+        tc.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_safetensors(path: Path, items: list[tuple[str, jax.Array]], dtype) -> None:
@@ -456,10 +521,9 @@ def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: s
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype: unsupported {dtype!r} (float32, bfloat16, float16)")
     with fileio.atomic(out, directory=True) as tmp:
-        conf = {**(base_config or {}), **config_to_hf(cfg)}
+        conf = {k: v for k, v in {**(base_config or {}), **config_to_hf(cfg)}.items() if k not in REMOTE_CODE}
         conf["dtype"] = conf["torch_dtype"] = dtype
         conf.pop("transformers_version", None)
-        conf.pop("auto_map", None)  # remote code is never part of an export
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         gen = {"bos_token_id": cfg.bos_id, "pad_token_id": cfg.pad_id,
                "eos_token_id": cfg.eos_ids[0] if len(cfg.eos_ids) == 1 else list(cfg.eos_ids) or None}
@@ -491,4 +555,6 @@ def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: s
                     shutil.copy2(Path(tokenizer_from) / f, tmp / f)
         elif tokenizer_from is not None:
             tokenizer_from.save_pretrained(str(tmp))
+            _trim_added_tokens(tmp, cfg.vocab_size)
+        _drop_remote_code(tmp / "tokenizer_config.json")
     return out

@@ -1,14 +1,18 @@
 """`selfalign` entry point: one tyro subcommand per module in `selfalign_jax.commands`.
 
+Errors: a `UserError` (bad input) prints one line and exits 2; any other exception prints one line plus
+"run with SELFALIGN_DEBUG=1 for the traceback" and exits 1 (SELFALIGN_DEBUG=1 lets it propagate).
+
 Every command module is imported to build the help, so each imports JAX, transformers and the package's
 heavy modules inside its `main` (start-up time), and only light ones (configs, tyro) at the top."""
 
 import importlib
+import os
 import sys
 
 import tyro
 
-from selfalign_jax import config, hostmem
+from selfalign_jax import config, fileio, hostmem
 from selfalign_jax.errors import UserError
 
 # name on the command line -> module under selfalign_jax.commands (each has `main`)
@@ -42,6 +46,20 @@ def main(argv=None):
     except UserError as e:
         print(f"selfalign: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("selfalign: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug or an environment failure: one line, the traceback on request
+        if os.environ.get("SELFALIGN_DEBUG"):
+            raise
+        disk = fileio.disk_error(e, e.filename) if isinstance(e, OSError) and e.filename else None
+        if disk is not None:
+            print(f"selfalign: error: {disk}", file=sys.stderr)
+            sys.exit(1)
+        msg = " ".join(str(e).split())[:300]
+        print(f"selfalign: internal error: {type(e).__name__}: {msg} "
+              "(run with SELFALIGN_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoR
 COMMAND_LINE: list[str] | None = None
 
 
+def _check(conditions) -> None:
+    """Raise UserError with the message of the first false condition."""
+    for ok, msg in conditions:
+        if not ok:
+            raise UserError(msg)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """SFT hyper-parameters. Defaults follow the ISARA reference (AdamW 0.9/0.95, no weight decay,
@@ -101,6 +108,13 @@ class GenConfig:
     exponential_decay_length_penalty: tuple[int, float] | None = None  # beams: (start, factor) raises EOS after start
     penalize_prompt: bool = True  # False: repetition penalty and n-gram ban over the generated tokens only
 
+    def __post_init__(self) -> None:
+        _check([(self.max_new_tokens >= 1, "max-new-tokens must be >= 1"),
+                (self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top-k must be >= 0"),
+                (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
+                (self.repetition_penalty > 0, "repetition-penalty must be > 0"),
+                (self.no_repeat_ngram >= 0, "no-repeat-ngram must be >= 0")])
+
 
 @dataclasses.dataclass(frozen=True)
 class IsaraConfig:
@@ -137,10 +151,12 @@ class IsaraConfig:
         return self.demos if self.icl_demos is None else self.icl_demos
 
     def __post_init__(self) -> None:
-        chk = [(self.iterations >= 0, "--iterations must be >= 0"), (self.demos >= 1, "--demos must be >= 1"),
-               (self.icl_demos is None or self.icl_demos >= 1, "--icl-demos must be >= 1"),
-               (self.answer_demos in ("knn", "random"), "--answer-demos must be knn or random"),
-               (self.dedup in ("all", "iteration"), "--dedup must be all or iteration")]
-        for ok, msg in chk:
-            if not ok:
-                raise UserError(msg)
+        _check([(self.iterations >= 1, "--iterations must be >= 1"), (self.generate >= 1, "--generate must be >= 1"),
+                (self.demos >= 1, "--demos must be >= 1"), (self.context_budget >= 1, "--context-budget must be >= 1"),
+                (self.icl_demos is None or self.icl_demos >= 1, "--icl-demos must be >= 1"),
+                (self.answer_demos in ("knn", "random"), "--answer-demos must be knn or random"),
+                (self.dedup in ("all", "iteration"), "--dedup must be all or iteration"),
+                (self.eval_max_new_tokens >= 1, "--eval-max-new-tokens must be >= 1"),
+                (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
+                (0 <= self.rouge_threshold <= 1, "--rouge-threshold must be in [0, 1]"),
+                (self.min_words >= 0, "--min-words must be >= 0"), (self.lr_decay > 0, "--lr-decay must be > 0")])

@@ -12,6 +12,7 @@ API:
     load(path, fmt="auto") -> Loaded(samples, format, skipped)  # any FORMATS reader
     read_samples(path, fmt="auto") -> list[Sample]
     read_eval(path) -> list[dict]                               # eval rows, any format, >= 1 question
+    read_seeds(path) -> list[dict]                              # seed pairs, any format, answers needed
     detect_format(path) -> str
     filter_categories(samples, categories, path) -> list[Sample]
     split_seeds(samples, n, seed) -> (seeds, rest)
@@ -362,11 +363,15 @@ def detect_format(path) -> str:
         except csv.Error:
             header = []
         keys = {h.strip() for h in header}
+        if not any(keys):
+            raise UserError(f"{path}: empty file, expected a CSV header")
     elif name.endswith((".jsonl", ".json")):
-        keys = set()
+        keys = None
         for _, obj in fileio.records(path):
             keys = set(obj)
             break
+        if keys is None:
+            raise UserError(f"{path}: no records (the file is empty or blank)")
     else:
         raise UserError(f"{path}: cannot tell the format from the extension (want .jsonl, .json, .csv); "
                         f"pass --format")
@@ -391,6 +396,22 @@ def load(path, fmt: str = "auto") -> Loaded:
 
 def read_samples(path, fmt: str = "auto") -> list[Sample]:
     return load(path, fmt).samples
+
+
+def read_seeds(path) -> list[dict]:
+    """Seed pairs (any format `load` reads) as plain dicts; an empty file, or a seed with an empty
+    question or answer, is a UserError naming the file and line (record, for converted formats)."""
+    loaded = load(path)
+    if loaded.format == "qa":
+        for where, obj in fileio.records(path):
+            if not str(obj.get("answer", "")).strip():
+                raise UserError(f"{where}: field 'answer' is empty (a seed needs an answer)")
+    for i, s in enumerate(loaded.samples, 1):
+        if not s.answer.strip():
+            raise UserError(f"{path}: seed {i} (format {loaded.format}): empty answer (a seed needs an answer)")
+    if not loaded.samples:
+        raise UserError(f"{path}: no seed pairs")
+    return [s.to_dict() for s in loaded.samples]
 
 
 def filter_categories(samples: list[Sample], categories, path="input") -> list[Sample]:

@@ -68,6 +68,7 @@ def run_demo(run_dir: Path, domain: str = "discrimination", seeds: int = 64, ite
     t0 = time.time()
     if domain not in language.HARM_DOMAINS:
         raise UserError(f"--domain: {domain!r} is not a harm domain ({', '.join(language.HARM_DOMAINS)})")
+    rundir.open_run_dir(Path(run_dir))  # locked before the (long) base-model pretraining
     kw = {"settings": base_settings} if base_settings is not None else {}
     base = pretrain.ensure_base_model(cache_dir, seed=seed, log=log, **kw)
     log(f"base model: {base}")

@@ -25,13 +25,16 @@ import shutil
 import time
 from pathlib import Path
 
-from selfalign_jax import embed, fileio, isara, report, retrieval
+from selfalign_jax import checkpoint, embed, fileio, isara, report, retrieval, runlock
 from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
 from selfalign_jax.errors import UserError
 from selfalign_jax.isara import log
 from selfalign_jax.loaded import LoadedModel
 
 ROW_ORDER = ["pretrained", "sft", "icl-knn", "icl-random", "one-round"]
+# an iteration's outputs in the order they are made (redoing one redoes those after it)
+STAGE_FILES = ["questions.jsonl", "answers.jsonl", "filter.json", "kept.jsonl", "model", "eval.jsonl",
+               "metrics.json"]
 
 
 # --------------------------------------------------------------------------------------- presets
@@ -169,14 +172,15 @@ class RunDir:
         self.seeds = check_seeds(seeds, cfg)
         self.eval_set = eval_set
         self.base = LazyModel(self.model_dir, cfg.dtype)
-        self.root.mkdir(parents=True, exist_ok=True)
+        open_run_dir(self.root)
         ident = {"isara": dataclasses.asdict(cfg), "model": str(self.model_dir.resolve()),
                  "seeds": sha(self.seeds), "eval": sha(eval_set) if eval_set is not None else None,
                  **(note or {})}
         ident = json.loads(json.dumps(ident))  # as config.json holds it (tuples become lists)
         p = self.root / "config.json"
-        if p.is_file():
-            old = json.loads(p.read_text())
+        on_disk = read_run_config(p) if p.is_file() else None
+        if on_disk is not None:
+            old = dict(on_disk)
             if old.get("eval") is None or ident["eval"] is None:  # adding eval prompts later is fine
                 old["eval"] = ident["eval"] = ident["eval"] or old.get("eval")
             # more iterations continue a run: iterations 1..T_old are the same whatever T is
@@ -193,7 +197,9 @@ class RunDir:
                     raise UserError(f"{self.root}: made with a different config ({', '.join(diff)}); "
                                     "use --force to start over (old results are moved aside)")
                 self._supersede()
-        fileio.write_json(p, ident)
+                on_disk = None
+        if on_disk != ident:  # a finished run on a read-only filesystem is reported without writing
+            fileio.write_json(p, ident)
         if not (self.root / "seeds.jsonl").is_file():
             fileio.write_jsonl(self.root / "seeds.jsonl", self.seeds)
 
@@ -202,7 +208,7 @@ class RunDir:
         dst = self.root / f"superseded-{n}"
         dst.mkdir()
         for p in list(self.root.iterdir()):
-            if not p.name.startswith("superseded-"):
+            if not p.name.startswith("superseded-") and p.name != ".lock":
                 shutil.move(str(p), dst / p.name)
         log(f"config changed: previous results moved to {dst}")
 
@@ -229,10 +235,50 @@ class RunDir:
     def iter_dir(self, t: int) -> Path:
         return self.root / f"iter_{t}"
 
+    def _redo(self, path: Path, why: str) -> None:
+        """An unusable stage output: say so, and remove it with the outputs made from it (the later
+        stages of its iteration)."""
+        log(f"{path.relative_to(self.root)}: {why}; redoing it")
+        later = STAGE_FILES[STAGE_FILES.index(path.name):] if path.name in STAGE_FILES else [path.name]
+        for name in later:
+            q = path.parent / name
+            if q.is_dir() and not q.is_symlink():
+                shutil.rmtree(q)
+            elif q.exists():
+                q.unlink()
+
+    def _reusable_rows(self, path: Path, nonempty: bool = True) -> list[dict] | None:
+        """The rows of a finished JSONL stage output, or None (absent, or unusable and removed)."""
+        if not path.is_file():
+            return None
+        try:
+            rows = fileio.read_jsonl(path)
+        except UserError as e:
+            self._redo(path, f"unreadable ({e})")
+            return None
+        if nonempty and not rows:
+            self._redo(path, "empty")
+            return None
+        return rows
+
+    def _reusable_json(self, path: Path) -> dict | None:
+        if not path.is_file():
+            return None
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._redo(path, f"not valid JSON ({e})")
+            return None
+        if not isinstance(obj, dict):
+            self._redo(path, "not a JSON object")
+            return None
+        return obj
+
     def stage(self, path: Path, fn) -> list[dict]:
-        if path.is_file():
+        rows = self._reusable_rows(path)
+        if rows is not None:
             log(f"{path.relative_to(self.root)}: done, reusing")
-            return fileio.read_jsonl(path)
+            return rows
         t0 = time.time()
         rows = fn()
         fileio.write_jsonl(path, rows)
@@ -240,8 +286,12 @@ class RunDir:
         return rows
 
     def filter_stage(self, it: Path, fn) -> list[dict]:
-        if (it / "kept.jsonl").is_file() and (it / "filter.json").is_file():
-            return fileio.read_jsonl(it / "kept.jsonl")
+        f = self._reusable_json(it / "filter.json")
+        if f is not None:
+            kept = self._reusable_rows(it / "kept.jsonl", nonempty=False)
+            if kept is not None and f.get("kept") == len(kept):
+                return kept
+            self._redo(it / "filter.json", f"does not match kept.jsonl ({f.get('kept')} kept)")
         kept, drops = fn()
         n = len(fileio.read_jsonl(it / "answers.jsonl"))
         fileio.write_json(it / "filter.json", {"candidates": n, "kept": len(kept), "dropped": drops})
@@ -254,7 +304,17 @@ class RunDir:
         """The model in `path` (loaded on first use), training it with fn(path) if not there yet.
         The model is always read back from the exported directory, so a resumed run (which can only
         read it) uses exactly the same weights as an uninterrupted one."""
-        if (path / "config.json").is_file():
+        if path.exists():
+            try:
+                checkpoint.tensor_shapes(path)
+                checkpoint.read_config(path)
+                reuse = True
+            except UserError as e:
+                self._redo(path, f"unusable ({e})")
+                reuse = False
+        else:
+            reuse = False
+        if reuse:
             log(f"{path.relative_to(self.root)}: done, reusing")
         else:
             t0 = time.time()
@@ -266,10 +326,9 @@ class RunDir:
         """Evaluate `model` into name/ (skipped when done; `rounds`: the SFT baseline's round count, a
         result for another count is redone)."""
         d = self.root / name
-        if (d / "metrics.json").is_file():
-            old = json.loads((d / "metrics.json").read_text())
-            if old.get("made_for", {}).get("rounds") == rounds:
-                return old
+        m = self._reusable_json(d / "metrics.json")
+        if m is not None and m.get("made_for", {}).get("rounds") == rounds:
+            return m
         t0 = time.time()
         rows, metrics = isara.evaluate(model.model, self.eval_set, scorer, self.cfg, demos_for)
         fileio.write_jsonl(d / "eval.jsonl", rows)
@@ -283,9 +342,57 @@ class RunDir:
     # ---------------------------------------------------------------------------------- report
     def finish(self) -> list[dict]:
         rows = collect_rows(self.root, len(self.seeds))
-        fileio.write_jsonl(self.root / "metrics.jsonl", rows)
-        report.write(self.root, rows)
+        m = self.root / "metrics.jsonl"
+        done = m.is_file() and (self.root / "report.md").is_file() and json.loads(json.dumps(rows)) == _rows(m)
+        if not done:  # nothing new: a finished run is reported without writing (read-only filesystems)
+            fileio.write_jsonl(m, rows)
+            report.write(self.root, rows)
         return rows
+
+
+def _rows(path: Path) -> list[dict] | None:
+    try:
+        return fileio.read_jsonl(path)
+    except UserError:
+        return None
+
+
+def check_run_dir(root) -> None:
+    """Refuse (before any work) a run directory that is a file, holds files but no run config, or
+    holds a config.json that is not a run's."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--run-dir: {root} is a file, not a directory")
+    if root.is_dir() and not (root / "config.json").is_file() \
+            and any(not p.name.startswith(".") for p in root.iterdir()):
+        raise UserError(f"--run-dir: {root} holds other files and no run config.json; "
+                        "choose an empty or new directory")
+    if (root / "config.json").is_file():
+        read_run_config(root / "config.json")
+
+
+def open_run_dir(root: Path) -> None:
+    """Check, create and lock a run directory (for the life of the process)."""
+    check_run_dir(root)
+    try:
+        if not root.is_dir():
+            root.mkdir(parents=True)
+    except OSError as e:
+        raise fileio.disk_error(e, root) or UserError(f"--run-dir: cannot create {root} ({e.strerror})") from None
+    runlock.acquire(root)
+    fileio.remove_stale_temps(root)  # a killed run's half-written outputs
+
+
+def read_run_config(p: Path) -> dict:
+    """A run directory's config.json; anything else there (a model's config, garbage) is refused."""
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{p}: not valid JSON ({e}); not a selfalign run directory") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("isara"), dict) or "model" not in raw:
+        raise UserError(f"{p}: not a selfalign run config (no 'isara' and 'model' fields): this is not a "
+                        "run directory; choose another --run-dir")
+    return raw
 
 
 def collect_rows(root: Path, n_seeds: int) -> list[dict]:

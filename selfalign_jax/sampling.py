@@ -794,11 +794,12 @@ def tokenize_prompts(tokenizer, prompts, cfg: M.Config, chat_template: bool = Fa
     ctx = cfg.max_pos
     truncated = [0] * len(ids)
     for i, t in enumerate(ids):
+        name = f"prompt {i + 1}"  # 1-based: `selfalign generate` names the file and line
         if not t:
-            raise UserError(f"prompt {i} has no tokens (empty prompt and the tokenizer adds no BOS)")
+            raise UserError(f"{name}: the prompt has no tokens (empty prompt and the tokenizer adds no BOS)")
         if len(t) > ctx - 1:
             if truncate == "error":
-                raise UserError(f"prompt {i} has {len(t)} tokens; the context length is {ctx}")
+                raise UserError(f"{name}: the prompt has {len(t)} tokens; the context length is {ctx}")
             keep_bos = bos is not None and t[0] == bos
             cut = len(t) - (ctx - 1)
             ids[i] = ([bos] + t[1 + cut:]) if keep_bos else t[cut:]

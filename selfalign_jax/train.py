@@ -40,9 +40,11 @@ Public API:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import sys
 import time
@@ -375,6 +377,55 @@ def _manager(directory, tcfg: TrainConfig):
     return ocp.CheckpointManager(Path(directory).absolute(), options=opts, item_names=("state", "meta"))
 
 
+class _QuietAfterDiskError(logging.Filter):
+    """Drops Orbax's (absl's, asyncio's) error records once one says the disk is full or read-only:
+    the failure reaches the caller as one line, not as a wall of background-thread tracebacks."""
+
+    tripped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.tripped and record.levelno >= logging.ERROR:
+            text = record.getMessage() + (f" {record.exc_info[1]}" if record.exc_info else "")
+            self.tripped = fileio.disk_error_text(text, "") is not None
+        return not (self.tripped and record.levelno >= logging.ERROR)
+
+
+@contextlib.contextmanager
+def orbax_disk_errors(directory):
+    """A full / read-only filesystem under `directory` during Orbax saves: UserError
+    "no space left on device writing DIR" (the filter stays on once tripped: late records are dropped)."""
+    flt = _QuietAfterDiskError()
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        err = fileio.disk_error_text(str(e), directory)
+        if err is None:
+            raise
+        _drop_closed_loop_errors()
+        raise err from None
+    finally:
+        if not flt.tripped:
+            for lg in loggers:
+                lg.removeFilter(flt)
+
+
+def _drop_closed_loop_errors() -> None:
+    """After a failed save, TensorStore's threads still call back into Orbax's closed event loop and
+    each prints "RuntimeError: Event loop is closed" (through sys.excepthook): drop those."""
+    prev = sys.excepthook
+
+    def hook(tp, value, tb):
+        if not (tp is RuntimeError and str(value) == "Event loop is closed"):
+            prev(tp, value, tb)
+
+    sys.excepthook = hook
+
+
 def _save(mngr, state: TrainState, meta: dict) -> None:
     mngr.save(int(meta["step"]), args=ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state)),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
@@ -592,9 +643,10 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
     def loader(shardings, dtype):
         return checkpoint.load(model_dir, dtype=dtype, shardings=shardings)[1]
 
-    state, frozen, trainer, history = train(cfg, params, enc, train_cfg, mesh=mesh, checkpoint_dir=checkpoint_dir,
-                                            resume=resume, on_step=on_step, progress=progress,
-                                            params_loader=loader if params is None else None)
+    with orbax_disk_errors(checkpoint_dir):
+        state, frozen, trainer, history = train(cfg, params, enc, train_cfg, mesh=mesh,
+                                                checkpoint_dir=checkpoint_dir, resume=resume, on_step=on_step,
+                                                progress=progress, params_loader=loader if params is None else None)
     final = trainer.merged(state, frozen)
     if out_dir is not None:
         dt = export_dtype or _export_dtype(base_config, "float32")

@@ -141,7 +141,7 @@ def test_resume_after_failure_in_each_stage_equals_uninterrupted(world, referenc
         assert a[k] == b[k], f"{k} differs after resume"
 
 
-def test_config_mismatch_refused_then_forced(world, reference_run, tmp_path):
+def test_config_mismatch_refused_then_forced(world, reference_run, tmp_path, monkeypatch):
     d, seeds, evals, scorer = world
     ref, _ = reference_run
     run = tmp_path / "r"
@@ -150,10 +150,13 @@ def test_config_mismatch_refused_then_forced(world, reference_run, tmp_path):
     with pytest.raises(UserError, match=r"different config \(isara\.generate\)"):
         rundir.run(d / "model", seeds, run, other, evals, scorer)
     assert (run / "iter_1" / "kept.jsonl").is_file()  # nothing lost
-    cheap = dataclasses.replace(other, iterations=0)
-    with pytest.raises(UserError):
-        rundir.run(d / "model", seeds, run, cheap, evals, scorer)
-    rundir.run(d / "model", seeds, run, cheap, evals, scorer, force=True)
+
+    def stop(*a, **k):  # the forced run only needs to start
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(isara, "evaluate", stop)
+    with pytest.raises(RuntimeError, match="stop here"):
+        rundir.run(d / "model", seeds, run, other, evals, scorer, force=True)
     assert (run / "superseded-1" / "iter_1" / "kept.jsonl").is_file()
     assert json.loads((run / "config.json").read_text())["isara"]["generate"] == 7
 

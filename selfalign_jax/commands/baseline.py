@@ -31,11 +31,14 @@ def main(kind: Literal["pretrained", "sft", "icl-knn", "icl-random", "one-round"
         force: start over if RUN_DIR was made with a different config.
     """
     from selfalign_jax import rundir
-    from selfalign_jax.data import read_eval, read_samples
-    from selfalign_jax.evaluate import get_scorer
+    from selfalign_jax.data import read_eval, read_seeds
+    from selfalign_jax.evaluate import get_scorer, precheck
 
     c = rundir.resolve(cfg, config, max_new_tokens, given=rundir.given_fields(settings.COMMAND_LINE))
-    rows = rundir.baseline(kind, model, [s.to_dict() for s in read_samples(seeds)], run_dir, c,
-                             read_eval(eval), get_scorer(scorer, model=model), force)
+    rundir.check_run_dir(run_dir)
+    seed_rows, eval_rows = read_seeds(seeds), read_eval(eval)
+    sc = get_scorer(scorer, model=model)
+    precheck(sc, eval_rows)
+    rows = rundir.baseline(kind, model, seed_rows, run_dir, c, eval_rows, sc, force)
     from selfalign_jax.report import table
     print(table(rows))

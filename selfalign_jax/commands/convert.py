@@ -19,11 +19,9 @@ def main(model: Path, out: Path, dtype: Literal["float32", "bfloat16"] = "float3
     import json
     import sys
 
-    from selfalign_jax import checkpoint, gguf_import
-    from selfalign_jax.errors import UserError
+    from selfalign_jax import checkpoint, fileio, gguf_import
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out: directory exists and is not empty: {out} (use --overwrite)")
+    fileio.check_output(out, inputs={"--model": model}, directory=True, overwrite=overwrite)
     if model.suffix.lower() == ".gguf" or model.is_file():
         cfg = gguf_import.convert(model, out, dtype=dtype, overwrite=overwrite, progress=sys.stderr.isatty())
         print(f"wrote {out} ({cfg.family}, {dtype}, from GGUF {model.name})")

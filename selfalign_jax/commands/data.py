@@ -36,6 +36,11 @@ def main(
     paths = [p.resolve() for p in (input, out, eval_out) if p is not None]
     if len(set(paths)) != len(paths):
         raise UserError("--input, --out and --eval-out must be different files")
+    fileio.check_output(out)
+    if eval_out is not None:
+        fileio.check_output(eval_out, "--eval-out")
+    if seeds is not None and seeds < 1:
+        raise UserError("--seeds must be >= 1")
     loaded = dataset.load(input, format)
     rows = loaded.samples
     print(f"read {len(rows)} rows from {input} (format {loaded.format})")

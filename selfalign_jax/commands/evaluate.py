@@ -28,12 +28,21 @@ def main(model: Path, data: Path, scorer: str, out: Path | None = None, max_new_
 
     from selfalign_jax import fileio, isara
     from selfalign_jax.data import read_eval
-    from selfalign_jax.evaluate import get_scorer
+    from selfalign_jax.errors import UserError
+    from selfalign_jax.evaluate import get_scorer, precheck
     from selfalign_jax.config import IsaraConfig
     from selfalign_jax.loaded import LoadedModel
 
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if out is not None:
+        fileio.check_output(out, inputs={"--data": data, "--model": model})
+        fileio.check_output(Path(str(out) + ".metrics.json"), "--out (metrics)", inputs={"--data": data})
     rows = read_eval(data)
     sc = get_scorer(scorer, model=model)
+    precheck(sc, rows)
     m = LoadedModel.load(model)
     cfg = dataclasses.replace(IsaraConfig(), eval_max_new_tokens=max_new_tokens, template=template,
                               batch_size=batch_size, seed=seed)

@@ -53,13 +53,15 @@ def main(
 
     import jax
 
-    from selfalign_jax import checkpoint, train
+    from selfalign_jax import checkpoint, fileio, train
     from selfalign_jax.data import read_pairs
-    from selfalign_jax.errors import UserError
     from selfalign_jax.template import Template
 
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out: directory exists and is not empty: {out} (use --overwrite)")
+    fileio.check_output(out, inputs={"--model": model, "--data": data}, directory=True, overwrite=overwrite)
+    if checkpoint_dir is not None:
+        fileio.check_output(checkpoint_dir, "--checkpoint-dir", inputs={"--model": model, "--out": out},
+                            directory=True, overwrite=True)
+    checkpoint.read_config(model)  # a missing or wrong --model directory is named before anything else
     pairs = read_pairs(data)
     tok = checkpoint.load_tokenizer(model)
     tcfg = dataclasses.replace(cfg, dtype=meshlib.compute_dtype(cfg.dtype))

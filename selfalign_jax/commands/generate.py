@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
 from pathlib import Path
 from typing import Literal
@@ -11,17 +13,33 @@ from selfalign_jax.errors import UserError
 from selfalign_jax.template import MARKERS
 
 
-def read_prompts(path: Path) -> list[dict]:
-    """The objects of a JSONL file, each with a string "prompt" (blank lines skipped); errors name the line."""
+def read_prompts(path: Path) -> tuple[list[dict], list[str]]:
+    """The objects of a JSONL file, each with a string "prompt" (blank lines skipped), and where each
+    came from ("file:line"); errors name the line."""
     if not path.is_file():
         raise UserError(f"prompts file not found: {path}")
-    rows = []
-    for where, obj in fileio.records(path):
+    rows, where = [], []
+    for w, obj in fileio.records(path):
         if not isinstance(obj.get("prompt"), str):
             what = "no \"prompt\" key" if "prompt" not in obj else f"\"prompt\" is {type(obj['prompt']).__name__}"
-            raise UserError(f"{where}: {what} (need a string)")
+            raise UserError(f"{w}: {what} (need a string)")
         rows.append(obj)
-    return rows
+        where.append(w)
+    if not rows:
+        raise UserError(f"{path}: no prompts (the file is empty or blank)")
+    return rows, where
+
+
+@contextlib.contextmanager
+def _prompt_lines(where: list[str]):
+    """A sampler message about "prompt N" (1-based) names the prompt's file and line instead."""
+    try:
+        yield
+    except UserError as e:
+        m = re.match(r"prompt (\d+): (.*)", str(e))
+        if m is None or not 1 <= int(m.group(1)) <= len(where):
+            raise
+        raise UserError(f"{where[int(m.group(1)) - 1]}: {m.group(2)}") from None
 
 
 def main(
@@ -85,23 +103,27 @@ def main(
     from selfalign_jax import mesh as MS
     from selfalign_jax.loaded import LoadedModel
 
-    rows = read_prompts(prompts)
-    if out.resolve() == prompts.resolve():
-        raise UserError("--out must differ from --prompts")
+    fileio.check_output(out, inputs={"--prompts": prompts, "--model": model})
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    rows, where = read_prompts(prompts)
     print(f"read {len(rows)} prompts from {prompts}")
     lm = LoadedModel.load(model, dtype)
     cfg, params, tok = lm.cfg, lm.params, lm.tokenizer
     t0 = time.perf_counter()
     extra = dict(continuous=continuous) if num_beams == 1 else {}
-    res = beam.generate(params, cfg, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
-                        stop=() if no_stop else stop, seed=seed, batch_size=batch_size,
-                        chat_template=chat_template, truncate=truncate, progress=True,
-                        mesh=MS.make_mesh(mesh) if mesh else None, num_beams=num_beams,
-                        do_sample=do_sample or num_beams == 1, length_penalty=length_penalty,
-                        early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
-                        exponential_decay_length_penalty=exponential_decay_length_penalty, **extra)
+    with _prompt_lines(where):
+        res = beam.generate(params, cfg, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
+                            stop=() if no_stop else stop, seed=seed, batch_size=batch_size,
+                            chat_template=chat_template, truncate=truncate, progress=True,
+                            mesh=MS.make_mesh(mesh) if mesh else None, num_beams=num_beams,
+                            do_sample=do_sample or num_beams == 1, length_penalty=length_penalty,
+                            early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
+                            exponential_decay_length_penalty=exponential_decay_length_penalty, **extra)
     dt = time.perf_counter() - t0
     fileio.write_jsonl(out, [{**row, "completion": r.text} for row, r in zip(rows, res)])
     n_tok = sum(len(r.token_ids) for r in res)

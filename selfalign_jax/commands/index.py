@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 
 from selfalign_jax import data as dataset
-from selfalign_jax import embed, retrieval
+from selfalign_jax import embed, fileio, retrieval
 from selfalign_jax.errors import UserError
 
 
@@ -42,6 +42,10 @@ def main(
         max_len: tokens kept per text (default: the embedder's own limit).
         dim: vector size of the hashing embedder.
     """
+    fileio.check_output(out, inputs={"--data": data}, directory=True, overwrite=True)
+    for flag, v in (("--batch-size", batch_size), ("--dim", dim), ("--n-trees", n_trees)):
+        if v < 1:
+            raise UserError(f"{flag} must be >= 1")
     rows = dataset.read_jsonl(data, require_answer=False)
     if not rows:
         raise UserError(f"{data}: no rows to index")

@@ -6,7 +6,9 @@ from pathlib import Path
 def summary(model_dir) -> dict:
     """Family, parameter count, dtype, vocabulary, context length, tied or not (reads headers only)."""
     from selfalign_jax import checkpoint, gguf_import, model as M
+    from selfalign_jax.errors import UserError
 
+    tokenizer = None
     if Path(model_dir).suffix.lower() == ".gguf" or Path(model_dir).is_file():
         _, cfg, lazy = gguf_import.read(model_dir)
         dtypes = sorted({gguf_import.type_name(t.tensor) for t in lazy.values()})
@@ -15,10 +17,17 @@ def summary(model_dir) -> dict:
         index = checkpoint._index(Path(model_dir))
         cfg = checkpoint.config_from_hf(raw, "float32")
         dtypes = sorted({e["dtype"] for _, e, _ in index.values()})
+        try:
+            n = checkpoint.tokenizer_size(checkpoint.load_tokenizer(model_dir, check=False))
+            tokenizer = f"{n} ids" + (f" (MORE than vocab_size {cfg.vocab_size}: refused at load)"
+                                      if n > cfg.vocab_size else "")
+        except UserError as e:
+            tokenizer = f"none ({e})"
     specs = jax_leaves(M.param_specs(cfg))
     n = sum(_prod(s.shape) for s in specs)
     return {"family": cfg.family, "parameters": n, "dtype": ",".join(dtypes),
-            "vocabulary": cfg.vocab_size, "context_length": cfg.max_pos, "tied_embeddings": cfg.tied,
+            "vocabulary": cfg.vocab_size, "tokenizer": tokenizer, "context_length": cfg.max_pos,
+            "tied_embeddings": cfg.tied,
             "layers": cfg.n_layers, "hidden": cfg.hidden, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
             "sliding_window": next((w for w in cfg.windows if w), None), "rope": cfg.rope_type
             if cfg.rope_theta is not None else "learned positions"}

@@ -25,16 +25,20 @@ def main(model: Path, seeds: Path, run_dir: Path, eval: Path | None = None, scor
         force: start over in a run directory made with a different config (old results moved aside).
     """
     from selfalign_jax import rundir
-    from selfalign_jax.data import read_eval, read_samples
-    from selfalign_jax.evaluate import get_scorer
+    from selfalign_jax.data import read_eval, read_seeds
+    from selfalign_jax.evaluate import get_scorer, precheck
     from selfalign_jax.errors import UserError
 
-    c = rundir.resolve(cfg, config, max_new_tokens, given=rundir.given_fields(settings.COMMAND_LINE))
-    seed_rows = [s.to_dict() for s in read_samples(seeds)]
-    eval_rows = read_eval(eval) if eval else None
-    if eval_rows is not None and not scorer:
+    if eval and not scorer:
         raise UserError("--eval needs --scorer (see `selfalign eval --help`)")
+    if scorer and not eval:
+        raise UserError("--scorer needs --eval PROMPTS (there is nothing to score without them)")
+    c = rundir.resolve(cfg, config, max_new_tokens, given=rundir.given_fields(settings.COMMAND_LINE))
+    rundir.check_run_dir(run_dir)
+    seed_rows = read_seeds(seeds)
+    eval_rows = read_eval(eval) if eval else None
     sc = get_scorer(scorer, model=model) if eval_rows is not None else None
+    precheck(sc, eval_rows)
     rows = rundir.run(model, seed_rows, run_dir, c, eval_rows, sc, force)
     from selfalign_jax.report import table
     print(table(rows))

@@ -128,4 +128,11 @@ def get_scorer(spec: str, *, model=None, template: Template | None = None, batch
     if not judge or not other:
         raise UserError(f"scorer {spec!r}: expected pairwise:JUDGE_DIR:OTHER_ANSWERS.jsonl")
     others = read_other_answers(other)
-    return PairwiseScorer(JudgePreference(_as_lm(judge, dtype), batch_size=batch_size), others)
+    return PairwiseScorer(JudgePreference(_as_lm(judge, dtype), batch_size=batch_size), others, source=other)
+
+
+def precheck(scorer, eval_rows) -> None:
+    """What a scorer can tell about the eval set before any answer is generated (e.g. a pairwise
+    OTHER file that lacks some questions): a UserError now rather than after generation."""
+    if eval_rows is not None and hasattr(scorer, "check"):
+        scorer.check([r["question"] for r in eval_rows])

@@ -47,18 +47,23 @@ class PairwiseScorer:
 
     name = "pairwise"
 
-    def __init__(self, prefer: Callable, other: dict | Sequence[str]):
+    def __init__(self, prefer: Callable, other: dict | Sequence[str], source=None):
         self.prefer, self.other = prefer, other
+        self.source = source or "the other model's answers"  # the OTHER file, for messages
+
+    def check(self, questions) -> None:
+        """Refuse, before any answer is generated, questions the other answers do not cover."""
+        self._theirs(questions)
 
     def _theirs(self, questions) -> list[str]:
         if isinstance(self.other, dict):
             missing = [q for q in questions if q not in self.other]
             if missing:
-                raise UserError(f"pairwise: {len(missing)} question(s) have no answer in the other "
-                                f"model's file, e.g. {missing[0][:80]!r}")
+                raise UserError(f"{self.source}: no answer for {len(missing)} of the {len(questions)} eval "
+                                f"questions, e.g. {missing[0][:80]!r}")
             return [self.other[q] for q in questions]
         if len(self.other) != len(questions):
-            raise UserError(f"pairwise: {len(questions)} questions but {len(self.other)} other answers")
+            raise UserError(f"{self.source}: {len(self.other)} answers for {len(questions)} eval questions")
         return list(self.other)
 
     def score(self, questions, answers, records=None) -> dict:

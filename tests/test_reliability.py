@@ -1,0 +1,465 @@
+"""Hostile inputs and faults (issue 18): each is one line naming the file / tensor / field, a non-zero
+exit, and nothing already written lost."""
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import hf_fixtures as fx
+from selfalign_jax import checkpoint
+from selfalign_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    p = tmp_path_factory.mktemp("llama")
+    fx.make_model("llama", p)
+    return p
+
+
+def _copy(src, tmp_path, name="m"):
+    d = tmp_path / name
+    shutil.copytree(src, d)
+    return d
+
+
+def _one_line(fn, match):
+    with pytest.raises(UserError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "selfalign_jax.cli", *args], capture_output=True, text=True,
+                          env=env)
+
+
+def _rewrite_header(path, edit):
+    b = path.read_bytes()
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    edit(h)
+    hb = json.dumps(h).encode()
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + b[8 + n:])
+
+
+# ------------------------------------------------------------------------------ checkpoint integrity
+def test_truncated_safetensors_refused(src, tmp_path):
+    d = _copy(src, tmp_path)
+    st = d / "model.safetensors"
+    with open(st, "r+b") as f:
+        f.truncate(st.stat().st_size - 1000)
+    msg = _one_line(lambda: checkpoint.load(d), r"model\.safetensors: tensor .*: data_offsets .* outside the file")
+    assert str(st) in msg
+
+
+def test_offsets_past_end_refused(src, tmp_path):
+    d = _copy(src, tmp_path)
+
+    def edit(h):
+        e = h["model.norm.weight"]
+        size = e["data_offsets"][1] - e["data_offsets"][0]
+        e["data_offsets"] = [10 ** 7, 10 ** 7 + size]
+    _rewrite_header(d / "model.safetensors", edit)
+    _one_line(lambda: checkpoint.load(d), r"tensor model\.norm\.weight: data_offsets \[10000\d+, \d+\] outside")
+
+
+def test_short_read_refused(src, tmp_path, monkeypatch):
+    """The file shrinks after its header was checked: the bytes actually read are counted."""
+    d = _copy(src, tmp_path)
+    real = checkpoint._read_header
+    monkeypatch.setattr(checkpoint, "_read_header", lambda p: (real(p), p.write_bytes(p.read_bytes()[:4000]))[0])
+    _one_line(lambda: checkpoint.load(d), r"model\.safetensors: tensor .*: read \d+ of \d+ bytes")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("zero", r"not a safetensors file \(0 bytes\)"),
+    ("short", r"header length \d+ does not fit the file \(100 bytes\)"),
+    ("absurd", r"header length 1152921504606846976 does not fit"),
+    ("badjson", r"safetensors header is not valid JSON"),
+    ("f8", r"tensor lm_head\.weight: unsupported dtype 'F8_E4M3'"),
+    ("shape", r"tensor lm_head\.weight: \d+ bytes for shape \(3, 3\) F32"),
+])
+def test_bad_safetensors_one_line(src, tmp_path, case, match):
+    d = _copy(src, tmp_path)
+    st = d / "model.safetensors"
+    b = st.read_bytes()
+    if case == "zero":
+        st.write_bytes(b"")
+    elif case == "short":
+        st.write_bytes(b[:100])
+    elif case == "absurd":
+        st.write_bytes(struct.pack("<Q", 1 << 60) + b[8:])
+    elif case == "badjson":
+        st.write_bytes(b[:8] + b"{" * 8 + b[16:])
+    elif case == "f8":
+        _rewrite_header(st, lambda h: h["lm_head.weight"].update(dtype="F8_E4M3"))
+    else:
+        _rewrite_header(st, lambda h: h["lm_head.weight"].update(shape=[3, 3]))
+    assert str(st) in _one_line(lambda: checkpoint.load(d), match)
+
+
+@pytest.mark.parametrize("index,match", [
+    ("{not json", "not a valid shard index .not valid JSON"), ('{"weight_map": [1, 2]}', "it needs"),
+    ('[]', "it needs"), ('{"weight_map": {"a": "../x.safetensors"}}', "bad shard file name"),
+    ('{"weight_map": {"a": "x.safetensors"}}', "shard x.safetensors is missing")])
+def test_bad_shard_index_one_line(src, tmp_path, index, match):
+    d = _copy(src, tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(index)
+    assert "model.safetensors.index.json" in _one_line(lambda: checkpoint.load(d), match)
+
+
+@pytest.mark.parametrize("name,text", [("config.json", "[1, 2]"), ("config.json", '"llama"'),
+                                       ("generation_config.json", "3"),
+                                       ("generation_config.json", '{"eos_token_id": "x"}')])
+def test_config_not_an_object(src, tmp_path, name, text):
+    d = _copy(src, tmp_path)
+    (d / name).write_text(text)
+    assert name in _one_line(lambda: checkpoint.load(d), "not a JSON object|eos_token_id")
+
+
+def test_tokenizer_past_vocab_refused(tmp_path):
+    d = tmp_path / "small"
+    fx.make_model("llama", d, vocab_size=100)  # the fixture tokenizer has 128 ids
+    msg = _one_line(lambda: checkpoint.load_tokenizer(d), "the tokenizer has 128 tokens but the model's "
+                    "vocab_size is 100")
+    assert str(d) in msg
+    from selfalign_jax.commands.inspect_model import summary
+    assert summary(d)["tokenizer"] == "128 ids (MORE than vocab_size 100: refused at load)"
+
+
+def test_remote_code_entries_not_exported(src, tmp_path):
+    d = _copy(src, tmp_path)
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "auto_map": {"AutoModelForCausalLM": "x.Model"},
+                                               "trust_remote_code": True}))
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**tc, "auto_map": {"AutoTokenizer": ["t.Tok", None]}}))
+    cfg, params = checkpoint.load(d)
+    out = checkpoint.save(tmp_path / "out", cfg, params, tokenizer_from=d,
+                          base_config=json.loads((d / "config.json").read_text()))
+    for f in ("config.json", "tokenizer_config.json"):
+        got = json.loads((out / f).read_text())
+        assert "auto_map" not in got and "trust_remote_code" not in got
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == tc["eos_token"]
+
+
+# ------------------------------------------------------------------------------------ run directories
+def _cfg():
+    from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
+    g = GenConfig(max_new_tokens=8, temperature=1.0)
+    return IsaraConfig(iterations=1, generate=4, demos=2, context_budget=300, embedder="hashing", question_gen=g,
+                       answer_gen=g, sft=TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_length=32),
+                       batch_size=4, seed=1, min_words=0)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from selfalign_jax import rundir
+    d = tmp_path_factory.mktemp("run")
+    fx.make_model("llama", d / "model", max_position_embeddings=256)
+    w = fx.WORDS[4:60]
+    seeds = [{"question": " ".join(w[i:i + 5]), "answer": " ".join(w[i + 5:i + 11])} for i in range(6)]
+    rows = rundir.run(d / "model", seeds, d / "run", _cfg())
+    return d, seeds, rows
+
+
+def _hold_lock(run_dir):
+    code = ("import sys, time; from selfalign_jax import runlock; runlock.acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_process_refused_naming_the_holder(finished, tmp_path):
+    from selfalign_jax import rundir, runlock
+    d, seeds, _ = finished
+    run = tmp_path / "r"
+    run.mkdir()
+    p = _hold_lock(run)
+    try:
+        for force in (False, True):
+            msg = _one_line(lambda: rundir.run(d / "model", seeds, run, _cfg(), force=force),
+                            rf"in use by another selfalign process \(PID {p.pid}\)")
+            assert str(run) in msg
+        assert [x.name for x in run.iterdir()] == [".lock"]  # nothing written by the refused run
+    finally:
+        p.kill()
+        p.wait()
+    runlock.acquire(run)  # the holder died: its lock went with it, the stale file does not block
+    runlock.release(run)
+
+
+def test_run_dir_that_is_a_file_or_foreign(finished, tmp_path):
+    from selfalign_jax import rundir
+    d, seeds, _ = finished
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line(lambda: rundir.run(d / "model", seeds, f, _cfg()), "is a file, not a directory")
+    _one_line(lambda: rundir.run(d / "model", seeds, d / "model", _cfg(), force=True),
+              r"config\.json: not a selfalign run config")
+    assert (d / "model" / "model.safetensors").is_file() and not (d / "model" / "superseded-1").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    _one_line(lambda: rundir.run(d / "model", seeds, tmp_path / "other", _cfg()), "holds other files")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{oops")
+    _one_line(lambda: rundir.run(d / "model", seeds, tmp_path / "bad", _cfg()), "not valid JSON")
+
+
+def test_unusable_stage_output_is_redone(finished, tmp_path, capsys):
+    from selfalign_jax import fileio, rundir
+    d, seeds, rows = finished
+    run = tmp_path / "r"
+    shutil.copytree(d / "run", run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "iter_1" / "answers.jsonl").write_bytes(b"")
+    killed = run / "iter_1" / ".model.tmp-999999999-abc"  # an export killed half-way
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    (run / "iter_1" / "kept.jsonl").write_text("not json\n")
+    new = rundir.run(d / "model", seeds, run, _cfg())
+    assert "iter_1/answers.jsonl: empty; redoing it" in capsys.readouterr().out
+    assert not killed.exists()
+    answers = fileio.read_jsonl(run / "iter_1" / "answers.jsonl")
+    assert len(answers) == 4
+    f = json.loads((run / "iter_1" / "filter.json").read_text())
+    assert f["candidates"] == 4 and f["kept"] == len(fileio.read_jsonl(run / "iter_1" / "kept.jsonl"))
+    assert new[-1]["candidates"] == 4 and (run / "iter_1" / "model" / "model.safetensors").is_file()
+    # an unparsable kept.jsonl alone: the filter and everything after it are redone
+    (run / "iter_1" / "kept.jsonl").write_text("{\n")
+    rundir.run(d / "model", seeds, run, _cfg())
+    assert "iter_1/kept.jsonl: unreadable" in capsys.readouterr().out
+    assert fileio.read_jsonl(run / "iter_1" / "answers.jsonl") == answers  # not redone
+
+
+def test_finished_run_reported_read_only(finished, tmp_path, monkeypatch):
+    import errno
+    from selfalign_jax import fileio, report, rundir
+    d, seeds, rows = finished
+    run = tmp_path / "r"
+    shutil.copytree(d / "run", run)
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fileio, "atomic", ro)
+    monkeypatch.setattr(report, "write", ro)
+    assert rundir.run(d / "model", seeds, run, _cfg()) == rows
+
+
+def test_stale_export_temps_removed_and_overwrite_keeps_old(src, tmp_path, monkeypatch):
+    import os
+    from selfalign_jax import fileio
+    cfg, params = checkpoint.load(src)
+    out = tmp_path / "out"
+    stale = [tmp_path / ".out.tmp-999999999-abc", tmp_path / ".out.tmp-999999998-x"]
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_bytes(b"half")
+    stale[1].write_text("half")
+    mine = tmp_path / f".out.tmp-{os.getpid()}-live"  # a live writer's temp is left alone
+    mine.mkdir()
+    checkpoint.save(out, cfg, params, tokenizer_from=src)
+    assert not any(p.exists() for p in stale) and mine.is_dir()
+    before = (out / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def fail_on_new(a, b):  # the new model cannot be put in place
+        if ".out.tmp-" in str(a):
+            raise OSError(5, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(fileio.os, "replace", fail_on_new)
+    with pytest.raises(OSError):
+        checkpoint.save(out, cfg, params, tokenizer_from=src, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-%d-live" % os.getpid(), "out"])
+
+
+# ------------------------------------------------------------------- arguments, messages, the CLI rule
+def _main(capsys, *argv):
+    """The CLI in this process: (exit code, stderr)."""
+    from selfalign_jax import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+def _qa(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_arguments_refused_before_work(src, tmp_path, capsys):
+    data = _qa(tmp_path / "d.jsonl", [{"question": "the water", "answer": "is good"}] * 3)
+    outdir = tmp_path / "od"
+    outdir.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    kw = tmp_path / "kw.txt"
+    kw.write_text("water\n")
+    other = _qa(tmp_path / "other.jsonl", [{"question": "something else", "answer": "x"}])
+    m, d = str(src), str(data)
+    cases = [
+        (["eval", "--model", m, "--data", d, "--scorer", f"keywords:{kw}", "--out", d], "is also --data"),
+        (["eval", "--model", m, "--data", d, "--scorer", f"keywords:{kw}", "--out", str(outdir)], "is a directory"),
+        (["eval", "--model", m, "--data", d, "--scorer", f"keywords:{kw}", "--batch-size", "0"], "--batch-size must"),
+        (["eval", "--model", m, "--data", d, "--scorer", f"pairwise:{m}:{other}"],
+         rf"{other}: no answer for 3 of the 3 eval questions"),
+        (["generate", "--model", m, "--prompts", d, "--out", d], "is also --prompts"),
+        (["generate", "--model", m, "--prompts", d, "--out", "o.jsonl", "--batch-size", "-1"], "--batch-size must"),
+        (["convert", "--model", m, "--out", str(afile)], "is a file; a directory is wanted"),
+        (["convert", "--model", m, "--out", m, "--overwrite"], "is also --model"),
+        (["finetune", "--model", m, "--data", d, "--out", str(afile)], "is a file; a directory is wanted"),
+        (["finetune", "--model", m, "--data", d, "--out", str(tmp_path / "ft"), "--grad-accum", "0"],
+         "--grad-accum must be >= 1"),
+        (["finetune", "--model", str(tmp_path / "nope"), "--data", d, "--out", str(tmp_path / "ft")],
+         "model directory not found"),
+        (["data", "--input", d, "--out", str(outdir)], "is a directory"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(afile)], "is a file, not a directory"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", m], r"config\.json: not a selfalign run config"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--generate", "0"],
+         "--generate must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--iterations", "0"],
+         "--iterations must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--sft.grad-accum", "0"],
+         "--grad-accum must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--batch-size", "0"],
+         "--batch-size must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--scorer", "world"],
+         "--scorer needs --eval"),
+    ]
+    import re
+    for argv, match in cases:
+        code, err = _main(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), (argv, err)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "ft").exists()
+    assert data.read_text().count("\n") == 3 and afile.read_text() == "x"
+
+
+def test_messages_name_file_line_field(src, tmp_path, capsys):
+    m = str(src)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    noans = _qa(tmp_path / "noans.jsonl", [{"question": "a b", "answer": "c d"}, {"question": "e f", "answer": " "}])
+    long = _qa(tmp_path / "long.jsonl", [{"prompt": "the"}, {}, {"prompt": " ".join(["the"] * 100)}])
+    long.write_text(long.read_text().replace("{}\n", "\n"))  # a blank line: the third prompt is on line 3
+    sur = tmp_path / "sur.jsonl"
+    sur.write_text('{"prompt": "ok"}\n{"prompt": "a \\udc80 b"}\n')
+    cases = [
+        (["run", "--model", m, "--seeds", str(empty), "--run-dir", str(tmp_path / "r")], rf"{empty}: no records"),
+        (["run", "--model", m, "--seeds", str(blank), "--run-dir", str(tmp_path / "r")], rf"{blank}: no records"),
+        (["run", "--model", m, "--seeds", str(noans), "--run-dir", str(tmp_path / "r")],
+         rf"{noans}:2: field 'answer' is empty"),
+        (["generate", "--model", m, "--prompts", str(long), "--out", str(tmp_path / "o.jsonl"), "--truncate",
+          "error"], rf"{long}:3: the prompt has 101 tokens; the context length is 64"),
+        (["generate", "--model", m, "--prompts", str(sur), "--out", str(tmp_path / "o.jsonl")],
+         rf"{sur}:2: field 'prompt' is not valid UTF-8"),
+        (["generate", "--model", m, "--prompts", str(empty), "--out", str(tmp_path / "o.jsonl")], "no prompts"),
+    ]
+    import re
+    for argv, match in cases:
+        code, err = _main(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(match, err), (argv, err)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_rule_other_exceptions(tmp_path, capsys, monkeypatch):
+    from selfalign_jax.commands import data as data_cmd
+    src = _qa(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+
+    def boom(*a, **k):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(data_cmd.dataset, "load", boom)
+    code, err = _main(capsys, "data", "--input", str(src), "--out", str(tmp_path / "o.jsonl"))
+    assert code == 1 and err.strip().splitlines() == [
+        "selfalign: internal error: KeyError: 'bug' (run with SELFALIGN_DEBUG=1 for the traceback)"]
+    monkeypatch.setenv("SELFALIGN_DEBUG", "1")
+    from selfalign_jax import cli
+    with pytest.raises(KeyError):
+        cli.main(["data", "--input", str(src), "--out", str(tmp_path / "o.jsonl")])
+
+
+# ------------------------------------------------------------------------- disk full, umask
+def test_disk_full_one_line_and_earlier_results_kept(tmp_path, capsys, monkeypatch):
+    import errno
+    from selfalign_jax import fileio
+    src = _qa(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    out = tmp_path / "o.jsonl"
+    out.write_text("earlier\n")
+    def full_open(file, mode="r", *a, **k):  # every file opened for writing hits a full disk
+        f = open(file, mode, *a, **k)
+        if "w" in mode:
+            def write(s):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(fileio, "open", full_open, raising=False)
+    code, err = _main(capsys, "data", "--input", str(src), "--out", str(out))
+    assert code == 2 and err.strip() == f"selfalign: error: no space left on device writing {out}"
+    assert out.read_text() == "earlier\n" and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "o.jsonl"]
+    # a raw OSError from any writer outside fileio: the same one line
+    monkeypatch.setattr(fileio, "write_jsonl", lambda p, rows: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", str(p))))
+    code, err = _main(capsys, "data", "--input", str(src), "--out", str(out))
+    assert code == 1 and err.strip() == f"selfalign: error: no space left on device writing {out}"
+
+
+def test_file_size_limit_convert_one_line(src, tmp_path):
+    """A real short write: RLIMIT_FSIZE below the model's size makes write() fail with EFBIG."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); "
+            "from selfalign_jax import cli; cli.main(sys.argv[1:])")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", code, "convert", "--model", str(src), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == f"selfalign: error: file too large for the filesystem writing {out}"
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []  # no half-written model, no temp left
+
+
+def test_outputs_follow_umask(src, tmp_path):
+    import os
+    from selfalign_jax import fileio
+    old = os.umask(0o022)
+    try:
+        fileio.write_json(tmp_path / "a.json", {"x": 1})
+        fileio.write_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+        with fileio.atomic(tmp_path / "d", directory=True) as t:
+            (t / "f").write_text("x")
+        os.umask(0o077)
+        fileio.write_json(tmp_path / "c.json", {"x": 1})
+    finally:
+        os.umask(old)
+    mode = lambda p: (tmp_path / p).stat().st_mode & 0o777  # noqa: E731
+    assert (mode("a.json"), mode("b.jsonl"), mode("d"), mode("d/f"), mode("c.json")) == (
+        0o644, 0o644, 0o755, 0o644, 0o600)
+
+
+def test_file_size_limit_orbax_checkpoint_one_line(src, tmp_path):
+    """Orbax's background save fails: one line, not its wall of thread tracebacks; the earlier step's
+    data is untouched (the train data file) and no model is exported."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (50000, 50000)); "
+            "from selfalign_jax import cli; cli.main(sys.argv[1:])")
+    data = _qa(tmp_path / "d.jsonl", [{"question": "the water", "answer": "is good for you"}] * 4)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", code, "finetune", "--model", str(src), "--data", str(data), "--out",
+                        str(out), "--batch-size", "2", "--grad-accum", "1", "--checkpoint-every", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith(("finetune", "4 examples"))]
+    assert lines == [f"selfalign: error: file too large for the filesystem writing {out}.ckpt"], r.stderr[-3000:]
+    assert not out.exists()
