@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfalign_jax import checkpoint
+
 WORDS = ("the a of to and in is it you that he was for on are as with his they at be this have from or "
          "one had by word but not what all were we when your can said there use an each which she do how "
          "their if will up other about out many then them these so some her would make like him into time "
@@ -100,6 +102,22 @@ def make_model(family: str, path, seed: int = 0, tokenizer: bool = True, **over)
         make_tokenizer(path)
     m.config._attn_implementation = "eager"
     return m
+
+
+def model_loader(tmp_path_factory):
+    """A function family -> (path, transformers model, cfg, params, tokenizer), each family built once
+    (for module-scoped fixtures)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(family)
+            tm = make_model(family, path)
+            cfg, params = checkpoint.load(path, dtype="float32")
+            cache[family] = (path, tm, cfg, params, checkpoint.load_tokenizer(path))
+        return cache[family]
+
+    return get
 
 
 def left_padded_batch(seed: int = 0, lengths=(11, 7, 3), vocab: int = VOCAB):

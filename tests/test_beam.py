@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_fixtures as fx
-from selfalign_jax import beam, checkpoint, sampling as S
+from selfalign_jax import beam, sampling as S
 from selfalign_jax.errors import UserError
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
@@ -17,17 +17,8 @@ NEW = 10
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(family)
-            tm = fx.make_model(family, path)
-            cfg, params = checkpoint.load(path, dtype="float32")
-            cache[family] = (tm, cfg, params, checkpoint.load_tokenizer(path))
-        return cache[family]
-
-    return get
+    get = fx.model_loader(tmp_path_factory)
+    return lambda family: get(family)[1:]
 
 
 def _hf_beam(tm, tok, prompt, **kw):

@@ -18,17 +18,7 @@ NEW = 10
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(family)
-            tm = fx.make_model(family, path)
-            cfg, params = checkpoint.load(path, dtype="float32")
-            cache[family] = (path, tm, cfg, params, checkpoint.load_tokenizer(path))
-        return cache[family]
-
-    return get
+    return fx.model_loader(tmp_path_factory)
 
 
 def _hf_generate(tm, tok, prompts, **kw):
