@@ -393,11 +393,17 @@ class _QuietAfterDiskError(logging.Filter):
 @contextlib.contextmanager
 def orbax_disk_errors(directory):
     """A full / read-only filesystem under `directory` during Orbax saves: UserError
-    "no space left on device writing DIR" (the filter stays on once tripped: late records are dropped)."""
+    "no space left on device writing DIR". Once a save fails, late reports are dropped: Orbax's error
+    log records, and the "RuntimeError: Event loop is closed" that each of TensorStore's threads reports
+    (through sys.unraisablehook) when it calls back into Orbax's closed event loop, often before the
+    failure reaches this frame, so that hook is on for the whole block."""
     flt = _QuietAfterDiskError()
     loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
     for lg in loggers:
         lg.addFilter(flt)
+    prev_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_drop_closed_loop_error, prev_hook)
+    failed = False
     try:
         yield
     except UserError:
@@ -406,24 +412,18 @@ def orbax_disk_errors(directory):
         err = fileio.disk_error_text(str(e), directory)
         if err is None:
             raise
-        _drop_closed_loop_errors()
+        failed = True
         raise err from None
     finally:
-        if not flt.tripped:
+        if not (flt.tripped or failed):  # after a failure the late reports keep coming: keep both on
             for lg in loggers:
                 lg.removeFilter(flt)
+            sys.unraisablehook = prev_hook
 
 
-def _drop_closed_loop_errors() -> None:
-    """After a failed save, TensorStore's threads still call back into Orbax's closed event loop and
-    each prints "RuntimeError: Event loop is closed" (through sys.excepthook): drop those."""
-    prev = sys.excepthook
-
-    def hook(tp, value, tb):
-        if not (tp is RuntimeError and str(value) == "Event loop is closed"):
-            prev(tp, value, tb)
-
-    sys.excepthook = hook
+def _drop_closed_loop_error(prev, unraisable) -> None:
+    if not (type(unraisable.exc_value) is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+        prev(unraisable)
 
 
 def _save(mngr, state: TrainState, meta: dict) -> None:

@@ -460,11 +460,8 @@ def test_file_size_limit_orbax_checkpoint_one_line(src, tmp_path):
                         str(out), "--batch-size", "2", "--grad-accum", "1", "--checkpoint-every", "1"],
                        capture_output=True, text=True)
     assert r.returncode != 0
-    # TensorStore's callbacks into Orbax's closed event loop may still print "RuntimeError: Event loop is
-    # closed" tracebacks (from C++, past sys.excepthook) depending on timing: known, left out here
-    noise = ("Traceback (most recent call last):", "File \"", "self._check_closed()", "raise RuntimeError('Event",
-             "RuntimeError: Event loop is closed")
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith(("finetune", "4 examples"))
-             and not ln.strip().startswith(noise)]
+    # no "RuntimeError: Event loop is closed" reports from TensorStore's threads either (they came through
+    # sys.unraisablehook, often before the failure reached the CLI)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith(("finetune", "4 examples"))]
     assert lines == [f"selfalign: error: file too large for the filesystem writing {out}.ckpt"], r.stderr[-3000:]
     assert not out.exists()
