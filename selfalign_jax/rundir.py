@@ -135,6 +135,11 @@ class LazyModel:
         return LoadedModel.load(self.path, self.dtype)
 
 
+def without_mesh(d: dict) -> dict:
+    """A config dict without its device layout (mesh, sft.mesh): a run resumes on another mesh."""
+    return {k: (without_mesh(v) if isinstance(v, dict) else v) for k, v in d.items() if k != "mesh"}
+
+
 class RunDir:
     def __init__(self, root: Path, cfg, model_dir, seeds, eval_set=None, force=False, note=None):
         self.root, self.cfg, self.model_dir = Path(root), cfg, Path(model_dir)
@@ -142,7 +147,7 @@ class RunDir:
         self.eval_set = eval_set
         self.base = LazyModel(self.model_dir, cfg.dtype)
         self.root.mkdir(parents=True, exist_ok=True)
-        ident = {"isara": dataclasses.asdict(cfg), "model": str(self.model_dir.resolve()),
+        ident = {"isara": without_mesh(dataclasses.asdict(cfg)), "model": str(self.model_dir.resolve()),
                  "seeds": sha(self.seeds), "eval": sha(eval_set) if eval_set is not None else None,
                  **(note or {})}
         ident = json.loads(json.dumps(ident))  # as config.json holds it (tuples become lists)
