@@ -5,6 +5,7 @@ heavy modules inside its `main` (start-up time), and only light ones (configs, t
 
 import importlib
 import sys
+from pathlib import Path
 
 import tyro
 
@@ -31,8 +32,16 @@ def _load():
     return {name: importlib.import_module(f"selfalign_jax.commands.{mod}").main for name, mod in SUBCOMMANDS.items()}
 
 
+def started_as_command(argv0: str | None = None) -> bool:
+    """This process is `selfalign ...` or `python -m selfalign_jax.cli ...` (not a notebook or a script
+    that calls main())."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    p = Path(argv0)
+    return p.name == "selfalign" or p.parts[-2:] == ("selfalign_jax", "cli.py")
+
+
 def main(argv=None):
-    if argv is None:  # the `selfalign` command itself (not a call from Python code)
+    if argv is None and started_as_command():  # the `selfalign` command itself (not a call from Python code)
         hostmem.reexec()  # huge pages for XLA:CPU's per-call temporaries (see hostmem)
     funcs = _load()
     try:
