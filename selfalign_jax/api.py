@@ -415,9 +415,10 @@ def plan(model, mesh: str | None = None, devices: int | None = None, hbm_gib: fl
          batch_size: int | None = None, grad_accum: int | None = None, max_length: int | None = None,
          lora_rank: int | None = None, remat: bool | None = None, dtype: str | None = None,
          gen_batch: int | None = None, prompt_len: int | None = None, max_new_tokens: int | None = None,
-         json: bool = False, **overrides: Any) -> dict:
+         json: bool = False, overrides: dict | None = None, **more: Any) -> dict:
     """The memory plan (printed as a table unless json, then as one JSON line); UserError with the smallest
-    change when it does not fit. `overrides`: IsaraConfig fields laid over the preset (as `run` takes)."""
+    change when it does not fit. `overrides` (a dict, as its keys may collide with this function's own
+    options, e.g. batch_size) and `more`: IsaraConfig fields laid over the preset (as `run` takes them)."""
     import jax
 
     from selfalign_jax import checkpoint
@@ -432,6 +433,7 @@ def plan(model, mesh: str | None = None, devices: int | None = None, hbm_gib: fl
         raw = None
     else:
         raw = checkpoint.read_config(model)
+    overrides = {**(overrides or {}), **more}
     pre = isara_config(config, None, None, None, **overrides) if (config is not None or overrides) else None
     mesh = mesh if mesh is not None else (pre.mesh or pre.sft.mesh if pre else None)
     s = pre.sft if pre else None
