@@ -30,6 +30,7 @@ from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
 from selfalign_jax.errors import UserError
 from selfalign_jax.isara import log
 from selfalign_jax.loaded import LoadedModel
+from selfalign_jax.mesh import make_mesh
 
 ROW_ORDER = ["pretrained", "sft", "icl-knn", "icl-random", "one-round"]
 
@@ -183,7 +184,7 @@ class RunDir:
     def embedder(self):
         c = self.cfg
         if c.embedder == "lm":
-            return embed.LMEmbedder(self.base.model)
+            return embed.LMEmbedder(self.base.model, mesh=make_mesh(c.mesh) if c.mesh else None)
         if c.embedder == "encoder" and not c.encoder:
             raise UserError("--embedder encoder needs --encoder DIR (a local sentence-encoder directory)")
         return embed.get_embedder(c.embedder, model=c.encoder)
