@@ -52,6 +52,8 @@ def read_config(model_dir) -> dict:
         raw = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: not a JSON object")
     mt = raw.get("model_type")
     if mt not in M.FAMILIES:
         raise UserError(f"{p}: unsupported model_type {mt!r} (supported: {', '.join(M.FAMILIES)})")
@@ -245,11 +247,45 @@ def hf_names(cfg: M.Config) -> M.Params:
 
 
 # ----------------------------------------------------------------------------------- safetensors io
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
+    """(tensor name -> header entry, data start) of one safetensors file, every entry checked: known
+    dtype, integer shape, byte extent = shape x itemsize and inside the file."""
+    size = path.stat().st_size
+    if size < 8:
+        raise UserError(f"{path}: not a safetensors file ({size} bytes)")
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
+        if n > min(MAX_HEADER, size - 8):
+            raise UserError(f"{path}: header length {n} does not fit the file ({size} bytes): not a safetensors "
+                            "file, or cut short")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: header is not a JSON object")
     header.pop("__metadata__", None)
+    data = size - 8 - n
+    for name, e in header.items():
+        where = f"{path}: tensor {name}"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise UserError(f"{where}: header entry lacks dtype / shape / data_offsets")
+        if e["dtype"] not in ST_DTYPES:
+            raise UserError(f"{where}: unsupported dtype {e['dtype']!r} (supported: {', '.join(ST_DTYPES)})")
+        shape, off = e["shape"], e["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(off, list) and len(off) == 2 and all(isinstance(o, int) for o in off)):
+            raise UserError(f"{where}: malformed shape {shape!r} or data_offsets {off!r}")
+        a, b = off
+        if not 0 <= a <= b <= data:
+            raise UserError(f"{where}: data_offsets [{a}, {b}] outside the file's {data} data bytes "
+                            "(file cut short?)")
+        if b - a != math.prod(shape) * np.dtype(ST_DTYPES[e["dtype"]]).itemsize:
+            raise UserError(f"{where}: {b - a} bytes for shape {tuple(shape)} {e['dtype']}")
     return header, 8 + n
 
 
@@ -257,7 +293,14 @@ def _index(model_dir: Path) -> dict[str, tuple[Path, dict, int]]:
     """tensor name -> (file, header entry, data start) over model.safetensors or a sharded index."""
     single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(wmap.values()))
+            if not all(isinstance(f, str) for f in files):
+                raise TypeError("file names must be strings")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a valid shard index ({type(e).__name__}: {e}); it needs "
+                            '{"weight_map": {tensor: file}}') from None
     elif single.is_file():
         files = ["model.safetensors"]
     else:
@@ -303,14 +346,16 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     return raw[off:off + n].view(dtype).reshape(shape)
 
 
-def _read_tensor(f, e: dict, start: int, dtype) -> np.ndarray:
-    """One tensor from an open safetensors file into an aligned host array of `dtype`."""
+def _read_tensor(f, e: dict, start: int, dtype, name: str = "?") -> np.ndarray:
+    """One tensor from an open safetensors file into an aligned host array of `dtype` (every byte read,
+    or one line naming the file and tensor)."""
     a, b = e["data_offsets"]
     src_dt = np.dtype(ST_DTYPES[e["dtype"]])
     arr = _aligned_empty(tuple(e["shape"]), src_dt)
     f.seek(start + a)
-    f.readinto(memoryview(arr.reshape(-1).view(np.uint8)))
-    assert arr.nbytes == b - a
+    got = f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) if arr.nbytes else 0
+    if got != b - a:
+        raise UserError(f"{f.name}: tensor {name}: read {got} of {b - a} bytes (file cut short?)")
     if src_dt != np.dtype(dtype):
         out = _aligned_empty(arr.shape, dtype)
         out[...] = arr
@@ -349,7 +394,7 @@ def load(model_dir, dtype: str | None = None, shardings: M.Params | None = None)
         for n, sh in zip(flat_names, flat_sh):
             path, e, start = index[resolve[n]]
             f = files.get(path) or files.setdefault(path, open(path, "rb"))
-            arr = _read_tensor(f, e, start, dtype)
+            arr = _read_tensor(f, e, start, dtype, resolve[n])
             # may_alias: on CPU the aligned host buffer becomes the device buffer (no second copy)
             leaves.append(jax.device_put(arr, sh, may_alias=True))
             del arr
@@ -366,7 +411,15 @@ def load_tokenizer(model_dir):
     d = Path(model_dir)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
         raise UserError(f"{d}: no tokenizer (need tokenizer.json, tokenizer.model or vocab files)")
-    return AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+    try:
+        vocab = json.loads((d / "config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        vocab = None
+    if isinstance(vocab, int) and len(tok) > vocab:  # ids past the embedding rows: never fed to the model
+        raise UserError(f"{d}: the tokenizer has {len(tok)} tokens but the model's vocab_size is {vocab} "
+                        "(ids past the embedding)")
+    return tok
 
 
 def _write_safetensors(path: Path, items: list[tuple[str, jax.Array]], dtype) -> None:
@@ -383,8 +436,11 @@ def _write_safetensors(path: Path, items: list[tuple[str, jax.Array]], dtype) ->
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
-        for _, x in items:
-            f.write(np.ascontiguousarray(np.asarray(jax.device_get(x)).astype(dtype)).tobytes())
+        for _, x in items:  # no copies beyond a cast: one tensor's bytes at a time
+            a = np.asarray(jax.device_get(x))
+            a = np.ascontiguousarray(a if a.dtype == np.dtype(dtype) else a.astype(dtype))
+            f.write(a.reshape(-1).view(np.uint8).data)
+            del a
 
 
 def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: str | None = None,
@@ -403,6 +459,7 @@ def save(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype: s
         conf = {**(base_config or {}), **config_to_hf(cfg)}
         conf["dtype"] = conf["torch_dtype"] = dtype
         conf.pop("transformers_version", None)
+        conf.pop("auto_map", None)  # remote code is never part of an export
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
         gen = {"bos_token_id": cfg.bos_id, "pad_token_id": cfg.pad_id,
                "eos_token_id": cfg.eos_ids[0] if len(cfg.eos_ids) == 1 else list(cfg.eos_ids) or None}

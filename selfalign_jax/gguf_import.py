@@ -105,6 +105,37 @@ def _minus_one(w):
     return w - 1.0
 
 
+def _llama3_rope(factors: np.ndarray, raw: dict, path: Path) -> dict:
+    """Llama 3.x RoPE parameters from llama.cpp's `rope_freqs` tensor (per-frequency divisors: 1 at high
+    frequencies, `factor` at low ones, 1 / ((1 - s) / factor + s) between, s linear in 1 / wavelength).
+    The divisors fix s = A / wavelength - B, i.e. original_max_pos / (high - low) and low / (high - low);
+    high - low = 3 (every Llama 3.x: low 1, high 4) names them. Checked by recomputing every divisor."""
+    rope = dict(raw["rope_parameters"])
+    H = raw["head_dim"]
+    f = (1.0 / (rope["rope_theta"] ** (np.arange(0, H, 2, dtype=np.float64) / H)))
+    factors = factors.astype(np.float64).reshape(-1)
+    if factors.shape != f.shape:
+        raise UserError(f"{path}: rope_freqs.weight has {factors.size} values, expected {f.size}")
+    factor = float(factors.max())
+    inv_wl = f / (2 * np.pi)
+    mid = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    A, B = 8192 / 3, 1 / 3  # no divisor between 1 and factor: any split fits; Llama 3's own
+    if factor > 1 and mid.any():
+        s = (1 / factors[mid] - 1 / factor) / (1 - 1 / factor)
+        if mid.sum() >= 2:
+            A, nB = np.linalg.lstsq(np.stack([inv_wl[mid], np.ones(mid.sum())], 1), s, rcond=None)[0]
+            B = -nB
+        else:  # one divisor between: low = 1, high = 4 as in every Llama 3.x
+            A = (s[0] + B) / inv_wl[mid][0]
+    rope.update(rope_type="llama3", factor=factor, low_freq_factor=float(np.round(3 * B, 6)),
+                high_freq_factor=float(np.round(3 * B + 3, 6)), original_max_position_embeddings=int(round(3 * A)))
+    cfg = checkpoint.config_from_hf({**raw, "rope_parameters": rope})
+    got = f / M.inv_freq(cfg).astype(np.float64)
+    if not np.allclose(got, factors, rtol=1e-3):
+        raise UserError(f"{path}: rope_freqs.weight does not follow Llama 3's RoPE scaling (not supported)")
+    return rope
+
+
 def hf_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
     """An HF config.json dict for the file's architecture, from its metadata."""
     arch = meta.get("general.architecture")
@@ -174,6 +205,9 @@ def read(path, dtype: str = "float32"):
     tensors = {t.name: t for t in reader.tensors}
     meta = _metadata(reader)
     raw = hf_config(meta, set(tensors), path)
+    if "rope_freqs.weight" in tensors:
+        raw["rope_parameters"] = _llama3_rope(np.asarray(LazyTensor(tensors["rope_freqs.weight"], (-1,))),
+                                              raw, path)
     cfg = checkpoint.config_from_hf(raw, dtype)
     arch = meta["general.architecture"]
     for t in reader.tensors:
@@ -206,8 +240,6 @@ def read(path, dtype: str = "float32"):
     extra = [n for n in tensors if n not in used and n != "rope_freqs.weight"]
     if extra:
         raise UserError(f"{path}: unexpected tensor{'s' if len(extra) > 1 else ''}: {', '.join(extra[:3])}")
-    if "rope_freqs.weight" in tensors:
-        raise UserError(f"{path}: tensor rope_freqs.weight (llama3-style RoPE scaling factors) is not supported")
     return raw, cfg, out
 
 

@@ -177,13 +177,17 @@ def write_gguf(m, path, family: str, qtypes=None):
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     rp = c.rope_parameters.get("full_attention", c.rope_parameters)
     w.add_rope_freq_base(rp["rope_theta"])
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if family == "llama":
-        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_dimension_count(head_dim)
     else:
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     if family.startswith("gemma"):
         w.add_sliding_window(c.sliding_window)
+    if family == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
     spm = family.startswith("gemma")
     tokens, merges = gguf_vocab(c.vocab_size, "▁" if spm else "Ġ")
     w.add_tokenizer_model("llama" if spm else "gpt2")
@@ -199,6 +203,12 @@ def write_gguf(m, path, family: str, qtypes=None):
     w.add_pad_token_id(0)
     w.add_unk_token_id(3)
     w.add_chat_template(CHAT_TEMPLATE)
+    if rp.get("rope_type") == "llama3":  # llama.cpp: the per-frequency divisors as a tensor
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        H = head_dim
+        base = 1.0 / (rp["rope_theta"] ** (np.arange(0, H, 2, dtype=np.float64) / H))
+        scaled = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0].double().numpy()
+        w.add_tensor("rope_freqs.weight", (base / scaled).astype(np.float32))
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      c.num_hidden_layers)
     sd = m.state_dict()

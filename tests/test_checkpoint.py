@@ -122,3 +122,96 @@ def test_cli_inspect_convert_and_errors(src, tmp_path):
     assert r.returncode == 2 and "not empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _cli("inspect", "--model", str(tmp_path / "absent"))
     assert r.returncode == 2 and r.stderr.startswith("selfalign: error: model directory not found")
+
+
+# ------------------------------------------------------------------------------ integrity (issue 18)
+def _safetensors_bytes(d):
+    return (d / "model.safetensors").read_bytes()
+
+
+def _header_of(b):
+    import struct
+    n = struct.unpack("<Q", b[:8])[0]
+    return n, json.loads(b[8:8 + n])
+
+
+def _with_header(b, header):
+    import struct
+    n, _ = _header_of(b)
+    hb = json.dumps(header).encode()
+    return struct.pack("<Q", len(hb)) + hb + b[8 + n:]
+
+
+@pytest.mark.parametrize("case", ["truncated", "offsets_past_end", "zero_bytes", "short_header", "absurd_header",
+                                  "bad_json_header", "unknown_dtype", "wrong_extent"])
+def test_corrupt_safetensors_one_line(src, tmp_path, case):
+    import struct
+    d = _copy(src, tmp_path)
+    b = _safetensors_bytes(d)
+    n, h = _header_of(b)
+    name = "model.layers.1.mlp.down_proj.weight"
+    if case == "truncated":
+        b, match = b[:-100], "(data_offsets .* outside|cut short)"
+    elif case == "offsets_past_end":
+        a, e = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [a + 10**6, e + 10**6]
+        b, match = _with_header(b, h), rf"tensor {name}: data_offsets .* outside"
+    elif case == "zero_bytes":
+        b, match = b"", r"not a safetensors file \(0 bytes\)"
+    elif case == "short_header":
+        b, match = b[:8 + n // 2], "header length .* does not fit"
+    elif case == "absurd_header":
+        b, match = struct.pack("<Q", 1 << 60) + b[8:], "header length .* does not fit"
+    elif case == "bad_json_header":
+        b, match = struct.pack("<Q", n) + b"{" * n + b[8 + n:], "header is not valid JSON"
+    elif case == "unknown_dtype":
+        h[name]["dtype"] = "F8_E4M3"
+        b, match = _with_header(b, h), rf"tensor {name}: unsupported dtype 'F8_E4M3'"
+    else:
+        h[name]["shape"] = [3, 3]
+        b, match = _with_header(b, h), rf"tensor {name}: \d+ bytes for shape \(3, 3\)"
+    (d / "model.safetensors").write_bytes(b)
+    msg = _err(d, match)
+    assert "model.safetensors" in msg
+
+
+def test_short_read_names_tensor(src, tmp_path, monkeypatch):
+    """A file that shrinks after its header was checked (or a short read) is caught per tensor."""
+    d = _copy(src, tmp_path)
+    real = checkpoint._read_header
+
+    def lying_header(path):
+        h, start = real(path)
+        (d / "model.safetensors").write_bytes(_safetensors_bytes(d)[:start + 1000])
+        return h, start
+
+    monkeypatch.setattr(checkpoint, "_read_header", lying_header)
+    _err(d, r"model\.safetensors: tensor .*: read \d+ of \d+ bytes")
+
+
+def test_bad_index_and_config_one_line(src, tmp_path):
+    d = _copy(src, tmp_path)
+    (d / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    _err(d, r"model\.safetensors\.index\.json: not a valid shard index")
+    (d / "model.safetensors.index.json").write_text("{")
+    _err(d, "not a valid shard index")
+    (d / "model.safetensors.index.json").unlink()
+    (d / "config.json").write_text("[1, 2]")
+    _err(d, r"config\.json: not a JSON object")
+
+
+def test_tokenizer_past_vocab_refused(src, tmp_path):
+    d = _copy(src, tmp_path)
+    c = json.loads((d / "config.json").read_text())
+    c["vocab_size"] = fx.VOCAB - 3
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(UserError, match=rf"tokenizer has {fx.VOCAB} tokens but the model's vocab_size is "
+                                        rf"{fx.VOCAB - 3}"):
+        checkpoint.load_tokenizer(d)
+
+
+def test_export_drops_auto_map(src, tmp_path):
+    cfg, params = checkpoint.load(src)
+    base = {**json.loads((src / "config.json").read_text()), "auto_map": {"AutoModel": "evil.Model"}}
+    out = checkpoint.save(tmp_path / "o", cfg, params, tokenizer_from=src, base_config=base)
+    assert "auto_map" not in json.loads((out / "config.json").read_text())

@@ -16,11 +16,14 @@ from selfalign_jax.errors import UserError
 # tensor name fragment -> GGUF type (first match); the rest F32
 QTYPES = {"attn_q.": "Q8_0", "attn_k.": "Q4_0", "attn_v.": "Q5_0", "ffn_": "Q4_1", "token_embd": "F16",
           "output.weight": "Q8_0"}
-# transformers' GGUF config reader takes head_dim from Qwen3Config's default (128) and Gemma's
-# query_pre_attn_scalar from its default (256): the test models use those values
+# transformers' GGUF config reader takes head_dim from Qwen3Config's default (128), and Gemma's
+# query_pre_attn_scalar (256) and Gemma 2's soft-caps (50, 30) from the defaults: the test models use those
 CASES = {
     "llama": dict(),
     "qwen3": dict(head_dim=128),
+    "qwen2": dict(),
+    "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
     "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=6, layer_types=None,
                    rope_parameters=None, sliding_window=4),
 }
@@ -149,3 +152,22 @@ def test_unsupported_quant_type_and_architecture(tmp_path):
     assert not out.exists()
     with pytest.raises(UserError, match="not found"):
         gguf_import.read(tmp_path / "absent.gguf")
+
+
+def test_llama3_rope_from_rope_freqs(tmp_path):
+    """llama.cpp stores Llama 3's RoPE scaling only as the rope_freqs tensor: the import recovers the
+    llama3 rope parameters from it (transformers' GGUF loader ignores it), giving the original logits."""
+    tm = fx.make_model("llama3", tmp_path / "hf", tokenizer=False)
+    path = fx.write_gguf(tm, tmp_path / "l3.gguf", "llama")
+    raw, cfg, _ = gguf_import.read(path)
+    ref_cfg = checkpoint.config_from_hf(fx.read_json(tmp_path / "hf" / "config.json"))
+    assert cfg.rope_type == "llama3"
+    for k in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_pos"):
+        assert getattr(cfg, k) == pytest.approx(getattr(ref_cfg, k), rel=1e-4), k
+    r = _cli("convert", "--model", str(path), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    cfg2, params = checkpoint.load(tmp_path / "out", dtype="float32")
+    tokens, valid = fx.left_padded_batch(seed=8)
+    ours = np.asarray(jax.jit(M.forward, static_argnums=1)(params, cfg2, tokens, M.positions(valid)))
+    err = np.abs(ours - fx.torch_logits(tm, tokens, valid))[valid].max()
+    assert err <= 1e-4, err
