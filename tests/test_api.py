@@ -83,3 +83,17 @@ def test_run_resumes_on_another_mesh(tiny, tmp_path):
     rundir.RunDir(tmp_path, IsaraConfig(demos=2, mesh="data=1"), d / "model", seeds)  # not a different run
     with pytest.raises(UserError, match="different config"):
         rundir.RunDir(tmp_path, IsaraConfig(demos=3), d / "model", seeds)
+
+
+def test_package_exports_verbs_lazily():
+    import selfalign_jax
+    from selfalign_jax import data as data_module
+
+    assert selfalign_jax.run is api.run and selfalign_jax.finetune is api.finetune
+    assert selfalign_jax.eval is api.evaluate
+    assert hasattr(data_module, "read_pairs")  # the data module, not the verb
+    with pytest.raises(AttributeError):
+        selfalign_jax.nope  # noqa: B018
+    r = subprocess.run([sys.executable, "-c", "import sys, selfalign_jax; print('jax' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert r.stdout.strip() == "False", r.stderr
