@@ -113,6 +113,6 @@ class IsaraConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int | None = None  # generation batch (None: from a memory budget)
     seed: int = 0
-    # 'data=N,fsdp=N,tensor=N' for SFT (over sft.mesh) and generation; None: one device (generation),
+    # 'data=N,fsdp=N,tensor=N' for SFT (over sft.mesh), generation and the lm embedder; None: one device (generation),
     # every device on fsdp (SFT)
     mesh: str | None = None
