@@ -17,8 +17,8 @@
 #     --command="cd selfalign-jax && MODEL=/mnt/models/llama SEEDS=seeds.jsonl RUN_DIR=/mnt/runs/x \
 #                EXTRA_ARGS='--distributed' bash scripts/tpu_vm.sh"
 #
-# (`--distributed` on `selfalign run` is phase 2 of issue 15; the model directory and the seeds must be
-# readable at the same path on every worker, e.g. a shared disk or a copy on each.)
+# (The model directory, the seeds and RUN_DIR must be at the same path on every worker, e.g. a shared disk;
+# only process 0 writes, the others read what it wrote.)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

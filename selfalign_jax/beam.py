@@ -284,7 +284,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
                      np.int32(decay[0]), np.float32(decay[1]), cfg=cfg, nb=int(num_beams), Tn=Tn,
                      sample=bool(do_sample), early=early_stopping, ngram=int(no_repeat_ngram), eos=eos, pad=pad,
                      place=place, penalize_prompt=bool(penalize_prompt))
-        out, logp, length = jax.device_get((st.fin_out[:, 0], st.fin_logp[:, 0], st.fin_len[:, 0]))
+        out, logp, length = sampling.host((st.fin_out[:, 0], st.fin_logp[:, 0], st.fin_len[:, 0]))
         for r, i in enumerate(idx):
             res = job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist())
             res.truncated = truncated[i]

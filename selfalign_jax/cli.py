@@ -9,6 +9,7 @@ heavy modules inside its `main` (start-up time), and only light ones (configs, t
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import tyro
 
@@ -36,8 +37,16 @@ def _load():
     return {name: importlib.import_module(f"selfalign_jax.commands.{mod}").main for name, mod in SUBCOMMANDS.items()}
 
 
+def started_as_command(argv0: str | None = None) -> bool:
+    """This process is `selfalign ...` or `python -m selfalign_jax.cli ...` (not a notebook or a script
+    that calls main())."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    p = Path(argv0)
+    return p.name == "selfalign" or p.parts[-2:] == ("selfalign_jax", "cli.py")
+
+
 def main(argv=None):
-    if argv is None:  # the `selfalign` command itself (not a call from Python code)
+    if argv is None and started_as_command():  # the `selfalign` command itself (not a call from Python code)
         hostmem.reexec()  # huge pages for XLA:CPU's per-call temporaries (see hostmem)
     funcs = _load()
     config.COMMAND_LINE = list(sys.argv[1:] if argv is None else argv)
@@ -60,6 +69,8 @@ def main(argv=None):
         print(f"selfalign: internal error: {type(e).__name__}: {msg} "
               "(run with SELFALIGN_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        config.COMMAND_LINE = None  # a later call from Python code has no command line
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
+# `selfalign finetune`'s (and `api.finetune`'s) defaults where they differ from the library's: dtype from
+# the backend, a checkpoint every 200 steps
+FINETUNE_DEFAULT = TrainConfig(dtype="auto", checkpoint_every=200)
+
 
 @dataclasses.dataclass(frozen=True)
 class GenConfig:
@@ -145,6 +149,9 @@ class IsaraConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int | None = None  # generation batch (None: from a memory budget)
     seed: int = 0
+    # 'data=N,fsdp=N,tensor=N' for SFT (over sft.mesh), generation and the lm embedder; None: one device (generation),
+    # every device on fsdp (SFT)
+    mesh: str | None = None
 
     @property
     def k_icl(self) -> int:

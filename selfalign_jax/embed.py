@@ -94,11 +94,16 @@ class LMEmbedder:
 
     name = "lm"
 
-    def __init__(self, model, batch_size: int = 32, max_len: int | None = None):
+    def __init__(self, model, batch_size: int = 32, max_len: int | None = None, mesh=None):
+        """mesh: a jax Mesh to shard the parameters over (model.ShardingRules; texts replicated)."""
         import jax
 
+        from selfalign_jax import model as M
+
         cfg = model.cfg
-        self.cfg, self.params, self.tok = cfg, model.params, model.tokenizer
+        self.cfg, self.params, self.tok, self.mesh = cfg, model.params, model.tokenizer, mesh
+        if mesh is not None:
+            self.params = jax.device_put(model.params, M.param_shardings(cfg, mesh))
         self.batch_size = batch_size
         self.max_len = min(max_len or 512, cfg.max_pos)
         self.dim = cfg.embed_dim or cfg.hidden
@@ -117,8 +122,17 @@ class LMEmbedder:
         ids = self.tok(list(texts), add_special_tokens=True, truncation=True,
                        max_length=self.max_len)["input_ids"]
         pad = self.cfg.pad_id if getattr(self.cfg, "pad_id", None) is not None else 0
-        return run_padded(ids, lambda i, v: self._fn(self.params, self.cfg, i, v.astype(np.int32)),
-                          self.batch_size, pad, max_len=self.max_len, desc="embed (lm)").astype(np.float32)
+        return run_padded(ids, self._pool, self.batch_size, pad, max_len=self.max_len,
+                          desc="embed (lm)").astype(np.float32)
+
+    def _pool(self, ids_BxT, mask_BxT):
+        from selfalign_jax import mesh as MS
+        from selfalign_jax.sampling import host
+
+        mask_BxT = mask_BxT.astype(np.int32)
+        if self.mesh is not None:  # every process passes the same texts: replicated inputs, gathered output
+            ids_BxT, mask_BxT = (MS.put(x, MS.replicated(self.mesh)) for x in (ids_BxT, mask_BxT))
+        return host(self._fn(self.params, self.cfg, ids_BxT, mask_BxT))
 
 
 # ------------------------------------------------------------------------------------- factory

@@ -8,7 +8,8 @@ such blocks (2 MiB pages: 7,000-17,000 faults, 0.25 s). Measured there: step 6.3
 
 glibc reads tunables once, at process start, so the `selfalign` command re-executes itself once
 with the tunable added to GLIBC_TUNABLES (only where it applies: Linux, glibc >= 2.35, THP in
-"always" or "madvise" mode, no accelerator plugin installed and JAX_PLATFORMS unset or cpu).
+"always" or "madvise" mode, no accelerator plugin installed nor accelerator device file present, JAX_PLATFORMS
+unset or cpu, and not inside a notebook kernel: a kernel must never be replaced under its client).
 SELFALIGN_HUGEPAGES=0 turns this off. In a notebook or your own script, start Python with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to get the same."""
 
@@ -22,6 +23,8 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "SELFALIGN_HUGEPAGES"
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+ACCELERATOR_DEVICES = ("/dev/accel0", "/dev/vfio/0", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
+NOTEBOOK_MODULES = ("ipykernel", "google.colab", "kaggle_secrets")
 ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
 
@@ -51,11 +54,24 @@ def _cpu_backend(environ) -> bool:
     return not any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_PLUGINS)
 
 
+def accelerator_present() -> bool:
+    """A TPU / GPU device file on this machine (whatever JAX would pick)."""
+    return any(os.path.exists(p) for p in ACCELERATOR_DEVICES)
+
+
+def in_notebook(modules=None) -> bool:
+    """Running inside a Jupyter / Colab / Kaggle kernel."""
+    modules = sys.modules if modules is None else modules
+    return any(m in modules for m in NOTEBOOK_MODULES)
+
+
 def applies(environ=None) -> bool:
-    """True where the tunable helps: Linux + glibc >= 2.35 + THP usable + CPU backend + not opted out."""
+    """True where the tunable helps: Linux + glibc >= 2.35 + THP usable + CPU backend and no accelerator
+    + not in a notebook + not opted out."""
     environ = os.environ if environ is None else environ
     return (environ.get(OPT_OUT, "1") != "0" and sys.platform.startswith("linux") and _glibc_at_least(2, 35)
-            and _thp_mode() in ("always", "madvise") and _cpu_backend(environ))
+            and _thp_mode() in ("always", "madvise") and _cpu_backend(environ) and not accelerator_present()
+            and not in_notebook())
 
 
 def active(environ=None) -> bool:

@@ -28,6 +28,7 @@ import numpy as np
 from selfalign_jax import beam, filters, train
 from selfalign_jax.config import GenConfig, IsaraConfig
 from selfalign_jax.loaded import LoadedModel
+from selfalign_jax.mesh import make_mesh
 from selfalign_jax.template import MARKERS, Template, cut
 
 STAGES = {"questions": 1, "answers": 2, "filter": 3, "sft": 4, "eval": 5, "icl": 6}
@@ -47,7 +48,7 @@ def log(msg: str) -> None:
 
 
 def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_size=None,
-             desc: str = "generate") -> list[str]:
+             desc: str = "generate", mesh: str | None = None) -> list[str]:
     """Completions of `prompts` (text after the prompt, cut at the first template marker)."""
     log(f"{desc}: {len(prompts)} prompts, up to {gen.max_new_tokens} new tokens"
         + (f", {gen.num_beams} beams" if gen.num_beams > 1 else ""))
@@ -59,7 +60,7 @@ def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_
                         do_sample=gen.do_sample or gen.num_beams == 1, length_penalty=gen.length_penalty,
                         early_stopping=gen.early_stopping,
                         exponential_decay_length_penalty=gen.exponential_decay_length_penalty,
-                        penalize_prompt=gen.penalize_prompt)
+                        penalize_prompt=gen.penalize_prompt, mesh=make_mesh(mesh) if mesh else None)
     return [cut(r.text) for r in res]
 
 
@@ -101,7 +102,7 @@ def write_questions(model: LoadedModel, pools: list[list[dict]], t: int, cfg: Is
         prompts.append(tpl.question_prompt(demos))
         demo_sets.append(demos)
     qs = generate(model, prompts, cfg.question_gen, stage_key(cfg.seed, t, "questions"),
-                  cfg.batch_size, desc=f"iter {t} questions")
+                  cfg.batch_size, desc=f"iter {t} questions", mesh=cfg.mesh)
     return [{"question": q, "demo_questions": [d[0] for d in ds], "n_demos": len(ds)}
             for q, ds in zip(qs, demo_sets)]
 
@@ -139,7 +140,7 @@ def write_answers(model: LoadedModel, pools, indexes, embedder, questions: list[
         prompts.append(tpl.answer_prompt(demos, q))
         used.append(len(demos))
     answers = generate(model, prompts, cfg.answer_gen, stage_key(cfg.seed, t, "answers"),
-                       cfg.batch_size, desc=f"iter {t} answers")
+                       cfg.batch_size, desc=f"iter {t} answers", mesh=cfg.mesh)
     return [{**q, "answer": a, "n_answer_demos": n} for q, a, n in zip(questions, answers, used)]
 
 
@@ -160,7 +161,7 @@ def filter_answers(answers: list[dict], pools, t: int, cfg: IsaraConfig) -> tupl
 def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: IsaraConfig, t: int) -> LoadedModel:
     """Fine-tune the current model on `pairs` (loss on answers), export to out_dir, return M_t."""
     tcfg = dataclasses.replace(cfg.sft, lr=lr, seed=cfg.seed * 1000 + t, dtype=model.cfg.dtype,
-                               max_length=min(cfg.sft.max_length, model.cfg.max_pos - 1))
+                               max_length=min(cfg.sft.max_length, model.cfg.max_pos - 1), mesh=cfg.mesh or cfg.sft.mesh)
     base = json.loads((model.path / "config.json").read_text())
     log(f"SFT of {model.path.name} on {len(pairs)} pairs, lr {lr:.3g}")
     # Orbax train state (params + Adam moments in fp32: 3x the model): only for resuming this SFT, so it
@@ -175,7 +176,7 @@ def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: Is
 
 # ------------------------------------------------------------------------------- ISARA, step 6
 def answer_questions(model: LoadedModel, questions: list[str], max_new_tokens: int, demos_for=None,
-                     template: str = "plain", seed: int = 0, batch_size=None) -> list[str]:
+                     template: str = "plain", seed: int = 0, batch_size=None, mesh: str | None = None) -> list[str]:
     """Greedy answers to `questions` (optionally with demonstrations: ICL baselines; rendered in the
     order given, for ICL-kNN nearest first as the authors')."""
     tpl = Template(template, model.tokenizer)
@@ -186,14 +187,14 @@ def answer_questions(model: LoadedModel, questions: list[str], max_new_tokens: i
         demos = fit_budget(tpl, model.tokenizer, demos, lambda ds: tpl.answer_prompt(ds, q), budget)
         prompts.append(tpl.answer_prompt(demos, q))
     gen = GenConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    return generate(model, prompts, gen, stage_key(seed, 0, "eval"), batch_size, desc="evaluate")
+    return generate(model, prompts, gen, stage_key(seed, 0, "eval"), batch_size, desc="evaluate", mesh=mesh)
 
 
 def evaluate(model: LoadedModel, eval_set: list[dict], scorer, cfg: IsaraConfig, demos_for=None) -> tuple[list, dict]:
     """Zero-shot greedy answers (up to eval_max_new_tokens) scored by `scorer`."""
     qs = [r["question"] for r in eval_set]
     answers = answer_questions(model, qs, cfg.eval_max_new_tokens, demos_for, cfg.template, cfg.seed,
-                               cfg.batch_size)
+                               cfg.batch_size, cfg.mesh)
     res = scorer.score(qs, answers, eval_set)
     rows = [{**r, "response": a, **item} for r, a, item in zip(eval_set, answers, res["items"])]
     return rows, res["metrics"]

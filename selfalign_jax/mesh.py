@@ -109,18 +109,32 @@ def put(arr: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def initialize_distributed(enabled: bool | None = None) -> None:
     """`jax.distributed.initialize()` (cluster auto-detection: TPU pods, SLURM, or the
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment). enabled=None: only
-    when JAX_COORDINATOR_ADDRESS is set. Safe to call twice."""
+    when JAX_COORDINATOR_ADDRESS is set. Safe to call twice. A process that stops sending heartbeats
+    for SELFALIGN_HEARTBEAT_S seconds (default 100) fails the others rather than leaving them waiting;
+    connecting waits at most SELFALIGN_INIT_TIMEOUT_S (default 300). A failure to connect is a UserError."""
     if enabled is None:
         enabled = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     if not enabled:
         return
+    if jax.distributed.is_initialized():
+        return
+    timeouts = {"heartbeat_timeout_seconds": int(os.environ.get("SELFALIGN_HEARTBEAT_S", "100")),
+                "initialization_timeout": int(os.environ.get("SELFALIGN_INIT_TIMEOUT_S", "300"))}
+    for name, key in (("JAX_COORDINATOR_ADDRESS", "coordinator_address"), ("JAX_NUM_PROCESSES", "num_processes"),
+                      ("JAX_PROCESS_ID", "process_id")):  # jax 0.10 reads only the first from the environment
+        if os.environ.get(name):
+            v = os.environ[name]
+            try:
+                timeouts[key] = v if key == "coordinator_address" else int(v)
+            except ValueError:
+                raise UserError(f"{name}={v!r} is not an integer") from None
     try:
-        if jax.distributed.is_initialized():
+        jax.distributed.initialize(**timeouts)
+    except (RuntimeError, ValueError) as e:
+        if "already" in str(e).lower():
             return
-    except AttributeError:
-        pass
-    try:
-        jax.distributed.initialize()
-    except RuntimeError as e:
-        if "already" not in str(e).lower():
-            raise
+        where = os.environ.get("JAX_COORDINATOR_ADDRESS") or "auto-detected cluster"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--distributed: cannot join the cluster ({where}, process "
+                        f"{os.environ.get('JAX_PROCESS_ID', '?')} of {os.environ.get('JAX_NUM_PROCESSES', '?')}): "
+                        f"{first}") from None

@@ -30,6 +30,7 @@ from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
 from selfalign_jax.errors import UserError
 from selfalign_jax.isara import log
 from selfalign_jax.loaded import LoadedModel
+from selfalign_jax.mesh import make_mesh
 
 ROW_ORDER = ["pretrained", "sft", "icl-knn", "icl-random", "one-round"]
 # an iteration's outputs in the order they are made (redoing one redoes those after it)
@@ -166,6 +167,11 @@ class LazyModel:
         return LoadedModel.load(self.path, self.dtype)
 
 
+def without_mesh(d: dict) -> dict:
+    """A config dict without its device layout (mesh, sft.mesh): a run resumes on another mesh."""
+    return {k: (without_mesh(v) if isinstance(v, dict) else v) for k, v in d.items() if k != "mesh"}
+
+
 class RunDir:
     def __init__(self, root: Path, cfg, model_dir, seeds, eval_set=None, force=False, note=None):
         self.root, self.cfg, self.model_dir = Path(root), cfg, Path(model_dir)
@@ -173,7 +179,7 @@ class RunDir:
         self.eval_set = eval_set
         self.base = LazyModel(self.model_dir, cfg.dtype)
         open_run_dir(self.root)
-        ident = {"isara": dataclasses.asdict(cfg), "model": str(self.model_dir.resolve()),
+        ident = {"isara": without_mesh(dataclasses.asdict(cfg)), "model": str(self.model_dir.resolve()),
                  "seeds": sha(self.seeds), "eval": sha(eval_set) if eval_set is not None else None,
                  **(note or {})}
         ident = json.loads(json.dumps(ident))  # as config.json holds it (tuples become lists)
@@ -217,7 +223,7 @@ class RunDir:
     def embedder(self):
         c = self.cfg
         if c.embedder == "lm":
-            return embed.LMEmbedder(self.base.model)
+            return embed.LMEmbedder(self.base.model, mesh=make_mesh(c.mesh) if c.mesh else None)
         if c.embedder == "encoder" and not c.encoder:
             raise UserError("--embedder encoder (the paper preset's default) needs --encoder DIR (a local "
                             "sentence-encoder directory, e.g. all-MiniLM-L6-v2), or choose --embedder lm|hashing")

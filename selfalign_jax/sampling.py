@@ -98,6 +98,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from selfalign_jax import mesh as MS
@@ -415,6 +416,18 @@ def _constrain(st: State, pl: Placement | None) -> State:
               for f in dataclasses.fields(State) if f.name not in ("cache", "step")}
     return State(cache=_constrain_cache(st.cache, pl), step=jax.lax.with_sharding_constraint(st.step, pl.spec()),
                  **fields)
+
+
+def host(tree):
+    """jax.device_get that also works on arrays spanning other processes' devices (multi-host): a
+    replicated array is read from a local shard, a sharded one gathered from every process."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_shards[0].data)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(one, tree)
 
 
 def _put(x, pl: Placement | None):
@@ -832,7 +845,7 @@ def _run_batch(job: _Job, idx, B, spare) -> list[Result]:
     nb = len(idx)
     tokens, lens, keys, limit, temp, topk, topp, pen = job.rows(idx, B)
     Tp = tokens.shape[1] - 1
-    Tn = new_tokens_bucket(int(np.asarray(limit).max()))
+    Tn = new_tokens_bucket(int(host(limit).max()))
     cache = spare.pop((B, Tp + Tn), None)
     spare.clear()
     if cache is None:
@@ -842,15 +855,15 @@ def _run_batch(job: _Job, idx, B, spare) -> list[Result]:
                                              penalize_prompt=job.penalize_prompt))
     stopped = np.zeros((B,), bool)
     while True:
-        until = min(int(st.step) + job.every, Tn) if job.stop else Tn
+        until = min(int(host(st.step)) + job.every, Tn) if job.stop else Tn
         st = _timed("decode", lambda: _decode(job.params, st, np.int32(until), _put(stopped, job.place), **job.kw()))
-        out, length, done, step = jax.device_get((st.out, st.length, st.done, st.step))
+        out, length, done, step = host((st.out, st.length, st.done, st.step))
         if job.stop:
             job.check_stops({r: i for r, i in enumerate(idx) if not done[r]}, out, length, stopped)
         if (done | stopped)[:nb].all() or step >= Tn:
             break
     spare[(B, Tp + Tn)] = st.cache
-    logp = np.asarray(st.logp)
+    logp = host(st.logp)
     return [job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist()) for r, i in enumerate(idx)]
 
 
@@ -886,16 +899,16 @@ def _run_continuous(job: _Job, order, B, done) -> None:
                 stopped[r] = False
         if not slot:
             break
-        until = int(st.step) + job.every if job.stop else np.iinfo(np.int32).max
+        until = int(host(st.step)) + job.every if job.stop else np.iinfo(np.int32).max
         want = 1 if pending else B + 1
         st = _timed("decode", lambda: _decode(job.params, st, np.int32(until), _put(stopped, job.place), np.int32(want),
                                               **job.kw()))
-        out, length, fin = jax.device_get((st.out, st.length, st.done))
+        out, length, fin = host((st.out, st.length, st.done))
         if job.stop:
             job.check_stops({r: i for r, i in slot.items() if not fin[r]}, out, length, stopped)
         ended = [r for r in slot if fin[r] or stopped[r]]
         if ended:
-            logp = np.asarray(st.logp)
+            logp = host(st.logp)
             for r in ended:
                 i = slot.pop(r)
                 stopped[r] = True

@@ -142,3 +142,24 @@ def test_lm_embedder(tmp_path):
         e = h.mean(0)
         want.append((e / e.norm()).numpy())
     assert np.abs(got - np.stack(want)).max() <= 1e-4
+
+
+def test_lm_embedder_sharded_equals_unsharded(tmp_path):
+    """The lm embedder with its parameters sharded over 8 CPU devices (fsdp=4 x tensor=2) equals one device."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hf = pytest.importorskip("hf_fixtures", reason="tests/hf_fixtures.py (tiny HF checkpoints) not present")
+    hf.make_model("llama", tmp_path)
+    code = (f"import numpy as np; from selfalign_jax import embed, mesh as MS; from selfalign_jax.loaded import "
+            f"LoadedModel; m = LoadedModel.load({str(tmp_path)!r}); t = ['the water is cold', 'oil', 'a b c d e']; "
+            f"a = embed.LMEmbedder(m, batch_size=2).embed(t); "
+            f"b = embed.LMEmbedder(m, batch_size=2, mesh=MS.make_mesh('fsdp=4,tensor=2')).embed(t); "
+            f"print('maxdiff', float(np.abs(a - b).max()))")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split("maxdiff")[-1]) <= 1e-5, r.stdout

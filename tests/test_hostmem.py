@@ -35,3 +35,25 @@ def test_reexec_restarts_once_with_the_tunable():
     env[hostmem.OPT_OUT] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.splitlines() == ["tunables None"], out.stdout
+
+
+def test_never_in_a_notebook_or_with_an_accelerator(monkeypatch):
+    from selfalign_jax import cli
+
+    assert hostmem.in_notebook({"ipykernel": object()}) and not hostmem.in_notebook({"json": object()})
+    calls = []
+    monkeypatch.setattr(hostmem.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setitem(sys.modules, "ipykernel", type(sys)("ipykernel"))
+    assert not hostmem.applies()
+    hostmem.reexec()
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    monkeypatch.setattr(hostmem, "accelerator_present", lambda: True)
+    assert not hostmem.applies()
+    hostmem.reexec()
+    assert calls == []
+    # only the command itself re-executes: not a kernel (ipykernel_launcher.py) or a script calling cli.main()
+    assert cli.started_as_command("/usr/local/bin/selfalign")
+    assert cli.started_as_command("/work/x/selfalign_jax/cli.py")
+    assert not cli.started_as_command("/usr/lib/python3/site-packages/ipykernel_launcher.py")
+    assert not cli.started_as_command("train.py")

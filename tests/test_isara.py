@@ -219,7 +219,7 @@ def _capture(monkeypatch):
     """isara.generate replaced: records the prompts, answers 'out i'."""
     seen = []
 
-    def fake(model, prompts, gen, key, batch_size=None, desc=""):
+    def fake(model, prompts, gen, key, batch_size=None, desc="", mesh=None):
         seen.extend(prompts)
         return [f"out {i}" for i in range(len(prompts))]
 

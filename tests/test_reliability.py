@@ -374,13 +374,13 @@ def test_messages_name_file_line_field(src, tmp_path, capsys):
 
 
 def test_cli_rule_other_exceptions(tmp_path, capsys, monkeypatch):
-    from selfalign_jax.commands import data as data_cmd
+    from selfalign_jax import data as dataset
     src = _qa(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
 
     def boom(*a, **k):
         raise KeyError("bug")
 
-    monkeypatch.setattr(data_cmd.dataset, "load", boom)
+    monkeypatch.setattr(dataset, "load", boom)
     code, err = _main(capsys, "data", "--input", str(src), "--out", str(tmp_path / "o.jsonl"))
     assert code == 1 and err.strip().splitlines() == [
         "selfalign: internal error: KeyError: 'bug' (run with SELFALIGN_DEBUG=1 for the traceback)"]

@@ -5,13 +5,12 @@ from typing import Annotated, Literal
 
 import tyro
 
-from selfalign_jax import config as settings
 from selfalign_jax.config import IsaraConfig
 
 
 def main(kind: Literal["pretrained", "sft", "icl-knn", "icl-random", "one-round"], model: Path, seeds: Path,
          run_dir: Path, eval: Path, scorer: str, config: str | None = None,
-         max_new_tokens: int | None = None, force: bool = False,
+         max_new_tokens: int | None = None, force: bool = False, distributed: bool = False,
          cfg: Annotated[IsaraConfig, tyro.conf.arg(name="")] = IsaraConfig()) -> None:
     """Run one baseline into RUN_DIR/baselines/KIND and refresh the run's report.
 
@@ -29,16 +28,10 @@ def main(kind: Literal["pretrained", "sft", "icl-knn", "icl-random", "one-round"
         config: preset JSON; flags given override it.
         max_new_tokens: sets both question and answer generation lengths.
         force: start over if RUN_DIR was made with a different config.
+        distributed: call jax.distributed.initialize() first (multi-host; also implied by
+            JAX_COORDINATOR_ADDRESS).
     """
-    from selfalign_jax import rundir
-    from selfalign_jax.data import read_eval, read_seeds
-    from selfalign_jax.evaluate import get_scorer, precheck
+    from selfalign_jax import api
 
-    c = rundir.resolve(cfg, config, max_new_tokens, given=rundir.given_fields(settings.COMMAND_LINE))
-    rundir.check_run_dir(run_dir)
-    seed_rows, eval_rows = read_seeds(seeds), read_eval(eval)
-    sc = get_scorer(scorer, model=model)
-    precheck(sc, eval_rows)
-    rows = rundir.baseline(kind, model, seed_rows, run_dir, c, eval_rows, sc, force)
-    from selfalign_jax.report import table
-    print(table(rows))
+    api.baseline(kind, model, seeds, run_dir, eval, scorer, config, max_new_tokens, force,
+                 distributed=distributed, cfg=cfg)

@@ -16,18 +16,6 @@ def main(model: Path, out: Path, dtype: Literal["float32", "bfloat16"] = "float3
         dtype: dtype of the exported weights.
         overwrite: replace a non-empty destination.
     """
-    import json
-    import sys
+    from selfalign_jax import api
 
-    from selfalign_jax import checkpoint, fileio, gguf_import
-
-    fileio.check_output(out, inputs={"--model": model}, directory=True, overwrite=overwrite)
-    if model.suffix.lower() == ".gguf" or model.is_file():
-        cfg = gguf_import.convert(model, out, dtype=dtype, overwrite=overwrite, progress=sys.stderr.isatty())
-        print(f"wrote {out} ({cfg.family}, {dtype}, from GGUF {model.name})")
-        return
-    checkpoint.load_tokenizer(model)  # fail early if there is none
-    cfg, params = checkpoint.load(model, dtype="float32")
-    base = json.loads((model / "config.json").read_text())
-    checkpoint.save(out, cfg, params, tokenizer_from=model, dtype=dtype, base_config=base, overwrite=overwrite)
-    print(f"wrote {out} ({cfg.family}, {dtype})")
+    api.convert(model, out, dtype, overwrite)

@@ -5,7 +5,8 @@ from typing import Literal
 
 
 def main(model: Path, data: Path, scorer: str, out: Path | None = None, max_new_tokens: int = 200,
-         template: Literal["plain", "chat"] = "plain", batch_size: int | None = None, seed: int = 0) -> None:
+         template: Literal["plain", "chat"] = "plain", batch_size: int | None = None, seed: int = 0,
+         mesh: str | None = None, distributed: bool = False) -> None:
     """Answer DATA's questions zero-shot with MODEL (greedy) and score the answers.
 
     Scorers: `keywords:FILE` (regexes; a match is harmful), `world` (the demo world's exact judge),
@@ -22,34 +23,11 @@ def main(model: Path, data: Path, scorer: str, out: Path | None = None, max_new_
         template: plain ISARA template or the model's own chat template.
         batch_size: generation batch (default: from a memory budget).
         seed: key for the (greedy, so unused) sampler.
+        mesh: shard generation (and likelihood scoring) over the devices, e.g. data=2,tensor=4.
+        distributed: call jax.distributed.initialize() first (multi-host; also implied by
+            JAX_COORDINATOR_ADDRESS).
     """
-    import dataclasses
-    import json
+    from selfalign_jax import api
 
-    from selfalign_jax import fileio, isara
-    from selfalign_jax.data import read_eval
-    from selfalign_jax.errors import UserError
-    from selfalign_jax.evaluate import get_scorer, precheck
-    from selfalign_jax.config import IsaraConfig
-    from selfalign_jax.loaded import LoadedModel
-
-    if batch_size is not None and batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be >= 1")
-    if out is not None:
-        fileio.check_output(out, inputs={"--data": data, "--model": model})
-        fileio.check_output(Path(str(out) + ".metrics.json"), "--out (metrics)", inputs={"--data": data})
-    rows = read_eval(data)
-    sc = get_scorer(scorer, model=model)
-    precheck(sc, rows)
-    m = LoadedModel.load(model)
-    cfg = dataclasses.replace(IsaraConfig(), eval_max_new_tokens=max_new_tokens, template=template,
-                              batch_size=batch_size, seed=seed)
-    items, metrics = isara.evaluate(m, rows, sc, cfg)
-    if out is not None:
-        fileio.write_jsonl(Path(out), items)
-        fileio.write_json(Path(str(out) + ".metrics.json"), metrics)
-    for k, v in metrics.items():
-        print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
-    print(json.dumps(metrics))
+    api.evaluate(model, data, scorer, out, max_new_tokens, template, batch_size, seed, mesh=mesh,
+                 distributed=distributed)

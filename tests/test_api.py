@@ -1,0 +1,99 @@
+"""selfalign_jax.api: the verbs raise UserError (the CLI turns it into one line + exit 2), config overrides,
+the memory check before any compile, a .gguf converted once, a run resumed on another mesh."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hf_fixtures as fx
+from selfalign_jax import api, rundir
+from selfalign_jax.config import IsaraConfig
+from selfalign_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    m = fx.make_model("llama", d / "model")
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"question": f"q {i} w", "answer": f"a {i} w"}) + "\n"
+                                           for i in range(8)))
+    return d, m
+
+
+def test_bad_input_raises_user_error_not_exit(tiny, tmp_path):
+    d, _ = tiny
+    with pytest.raises(UserError, match="no such preset"):
+        api.run(d / "model", d / "pairs.jsonl", tmp_path / "run", config="nope")
+    with pytest.raises(UserError, match="not empty"):
+        api.finetune(d / "model", d / "pairs.jsonl", d)
+    with pytest.raises(UserError, match="--eval-out needs --seeds"):
+        api.data(d / "pairs.jsonl", tmp_path / "x.jsonl", eval_out=tmp_path / "y.jsonl")
+    with pytest.raises(UserError, match="unknown field 'nope'"):
+        api.isara_config("fast", nope=1)
+
+
+def test_overrides_over_preset_and_mesh():
+    c = api.isara_config("fast", None, 7, "fsdp=1", iterations=1, sft={"max_length": 32},
+                         question_gen={"temperature": 0.5})
+    pre = rundir.load_config("fast")
+    assert c.iterations == 1 and c.sft.max_length == 32 and c.sft.lr == pre.sft.lr
+    assert c.question_gen.temperature == 0.5 and c.question_gen.max_new_tokens == 7 == c.answer_gen.max_new_tokens
+    assert c.mesh == "fsdp=1" and c.generate == pre.generate
+    assert rundir.load_config("tpu-v5e-8").mesh == "fsdp=8"
+
+
+def test_memory_check_before_compile(tiny, tmp_path, capsys):
+    d, _ = tiny
+    api.check_fits(d / "model", None, None, ts=api._train_settings(IsaraConfig().sft, "float32"))  # CPU: no check
+    with pytest.raises(UserError, match="does not fit"):
+        api.finetune(d / "model", d / "pairs.jsonl", tmp_path / "out", hbm_gib=1e-4)
+    assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "-m", "selfalign_jax.cli", "finetune", "--model", d / "model", "--data",
+                        d / "pairs.jsonl", "--out", tmp_path / "out", "--hbm-gib", "0.0001"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "SELFALIGN_HUGEPAGES": "0"})
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "does not fit" in err[0], r.stderr[-2000:]
+    with pytest.raises(UserError, match="does not fit"):
+        api.run(d / "model", d / "pairs.jsonl", tmp_path / "run", config="fast", hbm_gib=1e-4, demos=2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_gguf_model_converted_once(tiny, tmp_path):
+    d, m = tiny
+    g = fx.write_gguf(m, tmp_path / "m.gguf", "llama")
+    first = api.hf_model(g, tmp_path / "run.models")
+    assert first == tmp_path / "run.models" / "m" and (first / "config.json").is_file()
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert api.hf_model(g, tmp_path / "run.models") == first
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+    assert api.hf_model(d / "model", tmp_path / "unused") == d / "model"
+
+
+def test_run_resumes_on_another_mesh(tiny, tmp_path):
+    d, _ = tiny
+    seeds = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(8)]
+    cfg = IsaraConfig(demos=2)
+    rundir.RunDir(tmp_path, cfg, d / "model", seeds)
+    rundir.RunDir(tmp_path, IsaraConfig(demos=2, mesh="data=1"), d / "model", seeds)  # not a different run
+    with pytest.raises(UserError, match="different config"):
+        rundir.RunDir(tmp_path, IsaraConfig(demos=3), d / "model", seeds)
+
+
+def test_package_exports_verbs_lazily():
+    import selfalign_jax
+    from selfalign_jax import data as data_module
+
+    assert selfalign_jax.run is api.run and selfalign_jax.finetune is api.finetune
+    assert selfalign_jax.eval is api.evaluate
+    assert hasattr(data_module, "read_pairs")  # the data module, not the verb
+    with pytest.raises(AttributeError):
+        selfalign_jax.nope  # noqa: B018
+    r = subprocess.run([sys.executable, "-c", "import sys, selfalign_jax; print('jax' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert r.stdout.strip() == "False", r.stderr
