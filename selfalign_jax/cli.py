@@ -53,6 +53,8 @@ def main(argv=None):
     try:
         tyro.extras.subcommand_cli_from_dict(funcs, args=argv, prog="selfalign")
     except UserError as e:
+        if isinstance(e, config.SettingError):  # name the flag as typed (`run --sft.grad-accum`)
+            e = e.as_typed(config.COMMAND_LINE)
         print(f"selfalign: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -16,11 +16,41 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoR
 COMMAND_LINE: list[str] | None = None
 
 
-def _check(conditions) -> None:
-    """Raise UserError with the message of the first false condition."""
-    for ok, msg in conditions:
+class SettingError(UserError):
+    """A setting out of range: `field` of the settings class `owner` holds `value`, which breaks `rule`
+    ("must be >= 1"). Its message names the bare flag (`--grad-accum must be >= 1`); `as_typed` names the
+    flag as the command line spelled it (`--sft.grad-accum` in `selfalign run`); a preset names the field."""
+
+    def __init__(self, owner: str, field: str, value, rule: str):
+        self.owner, self.field, self.value, self.rule = owner, field, value, rule
+        super().__init__(f"--{field.replace('_', '-')} {rule}")
+
+    def as_typed(self, argv) -> UserError:
+        """The error naming the flag(s) of `argv` that set this field (itself when none did)."""
+        leaf = self.field.replace("_", "-")
+        flags = {f"--{pre}{leaf}" for pre in _FLAG_PREFIXES[self.owner]}
+        typed = []  # (flag, the value typed)
+        for i, a in enumerate(argv or ()):
+            name, eq, val = a.partition("=")
+            if name in flags:
+                typed.append((name, val if eq else (argv[i + 1] if i + 1 < len(argv) else "")))
+        same = [f for f, v in typed if _same_value(v, self.value)]
+        names = list(dict.fromkeys(f for f, _ in typed)) if len(same) != 1 else same
+        return UserError(f"{' or '.join(names)} {self.rule}") if names else self
+
+
+def _same_value(typed: str, value) -> bool:
+    try:
+        return float(typed) == float(value)
+    except (TypeError, ValueError):
+        return typed == str(value)
+
+
+def _check(owner: str, obj, rules) -> None:
+    """Raise SettingError for the first (field, ok, rule) that is not ok."""
+    for field, ok, rule in rules:
         if not ok:
-            raise UserError(msg)
+            raise SettingError(owner, field, getattr(obj, field), rule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,23 +95,21 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
     def __post_init__(self) -> None:
-        chk = [(self.lr > 0, "--lr must be > 0"), (self.batch_size >= 1, "--batch-size must be >= 1"),
-               (self.grad_accum >= 1, "--grad-accum must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
-               (self.max_length >= 2, "--max-length must be >= 2"), (self.bucket >= 1, "bucket must be >= 1"),
-               (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-               (self.lora_rank >= 0, "--lora-rank must be >= 0"),
-               (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine|linear|constant"),
-               (self.loss_norm in ("token", "sequence"), "--loss-norm must be token or sequence"),
-               (self.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
-               (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "betas must be in [0, 1)"),
-               (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
-               (self.streams >= 0, "streams must be >= 0")]
-        for ok, msg in chk:
-            if not ok:
-                raise UserError(msg)
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
-        if bad:
-            raise UserError(f"LoRA target {bad[0]!r} unknown (choose from {', '.join(LORA_TARGETS)})")
+        _check("TrainConfig", self, [
+            ("lr", self.lr > 0, "must be > 0"), ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"), ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("max_length", self.max_length >= 2, "must be >= 2"), ("bucket", self.bucket >= 1, "must be >= 1"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+            ("lora_rank", self.lora_rank >= 0, "must be >= 0"),
+            ("schedule", self.schedule in ("cosine", "linear", "constant"), "must be cosine, linear or constant"),
+            ("loss_norm", self.loss_norm in ("token", "sequence"), "must be token or sequence"),
+            ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
+            ("b1", 0 <= self.b1 < 1, "must be in [0, 1)"), ("b2", 0 <= self.b2 < 1, "must be in [0, 1)"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("streams", self.streams >= 0, "must be >= 0"),
+            ("lora_targets", not bad, f"has an unknown entry {bad[0] if bad else ''!r} (choose from "
+                                      f"{', '.join(LORA_TARGETS)})")])
 
     def fingerprint_fields(self) -> dict:
         """The settings that determine the trajectory (a resumed run must match them)."""
@@ -113,11 +141,12 @@ class GenConfig:
     penalize_prompt: bool = True  # False: repetition penalty and n-gram ban over the generated tokens only
 
     def __post_init__(self) -> None:
-        _check([(self.max_new_tokens >= 1, "max-new-tokens must be >= 1"),
-                (self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top-k must be >= 0"),
-                (0 < self.top_p <= 1, "top-p must be in (0, 1]"),
-                (self.repetition_penalty > 0, "repetition-penalty must be > 0"),
-                (self.no_repeat_ngram >= 0, "no-repeat-ngram must be >= 0")])
+        _check("GenConfig", self, [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0"), ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("no_repeat_ngram", self.no_repeat_ngram >= 0, "must be >= 0")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,12 +187,19 @@ class IsaraConfig:
         return self.demos if self.icl_demos is None else self.icl_demos
 
     def __post_init__(self) -> None:
-        _check([(self.iterations >= 1, "--iterations must be >= 1"), (self.generate >= 1, "--generate must be >= 1"),
-                (self.demos >= 1, "--demos must be >= 1"), (self.context_budget >= 1, "--context-budget must be >= 1"),
-                (self.icl_demos is None or self.icl_demos >= 1, "--icl-demos must be >= 1"),
-                (self.answer_demos in ("knn", "random"), "--answer-demos must be knn or random"),
-                (self.dedup in ("all", "iteration"), "--dedup must be all or iteration"),
-                (self.eval_max_new_tokens >= 1, "--eval-max-new-tokens must be >= 1"),
-                (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
-                (0 <= self.rouge_threshold <= 1, "--rouge-threshold must be in [0, 1]"),
-                (self.min_words >= 0, "--min-words must be >= 0"), (self.lr_decay > 0, "--lr-decay must be > 0")])
+        _check("IsaraConfig", self, [
+            ("iterations", self.iterations >= 1, "must be >= 1"), ("generate", self.generate >= 1, "must be >= 1"),
+            ("demos", self.demos >= 1, "must be >= 1"), ("context_budget", self.context_budget >= 1, "must be >= 1"),
+            ("icl_demos", self.icl_demos is None or self.icl_demos >= 1, "must be >= 1"),
+            ("answer_demos", self.answer_demos in ("knn", "random"), "must be knn or random"),
+            ("dedup", self.dedup in ("all", "iteration"), "must be all or iteration"),
+            ("eval_max_new_tokens", self.eval_max_new_tokens >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1, "must be >= 1"),
+            ("rouge_threshold", 0 <= self.rouge_threshold <= 1, "must be in [0, 1]"),
+            ("min_words", self.min_words >= 0, "must be >= 0"), ("lr_decay", self.lr_decay > 0, "must be > 0")])
+
+
+# where each settings class's fields appear on a command line: IsaraConfig's at the top (`selfalign run
+# --iterations`), TrainConfig's at the top (`finetune --lr`) or under sft (`run --sft.lr`), GenConfig's
+# under question-gen / answer-gen
+_FLAG_PREFIXES = {"IsaraConfig": ("",), "TrainConfig": ("", "sft."), "GenConfig": ("question-gen.", "answer-gen.")}

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from selfalign_jax import checkpoint, embed, fileio, isara, report, retrieval, runlock
-from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
+from selfalign_jax.config import GenConfig, IsaraConfig, SettingError, TrainConfig
 from selfalign_jax.errors import UserError
 from selfalign_jax.isara import log
 from selfalign_jax.loaded import LoadedModel
@@ -78,10 +78,13 @@ def from_dict(d: dict, where: str = "config") -> IsaraConfig:
                     v[name] = tuple(v[name])
             try:
                 v = sub[k](**{**_defaults(k), **v})
-            except UserError as e:
-                raise UserError(f"{where}: {k}: {e}") from None
+            except SettingError as e:
+                raise UserError(f"{where}: {k}.{e.field} {e.rule}") from None
         kw[k] = v
-    return IsaraConfig(**kw)
+    try:
+        return IsaraConfig(**kw)
+    except SettingError as e:
+        raise UserError(f"{where}: {e.field} {e.rule}") from None
 
 
 def _defaults(section: str) -> dict:

@@ -35,6 +35,30 @@ def test_bad_input_raises_user_error_not_exit(tiny, tmp_path):
         api.data(d / "pairs.jsonl", tmp_path / "x.jsonl", eval_out=tmp_path / "y.jsonl")
     with pytest.raises(UserError, match="unknown field 'nope'"):
         api.isara_config("fast", nope=1)
+    with pytest.raises(UserError, match=r"^overrides: sft\.grad_accum must be >= 1$"):
+        api.isara_config("fast", sft={"grad_accum": 0})
+
+
+def test_same_checks_as_the_cli_before_any_work(tiny, tmp_path):
+    """The argument checks live in the API: a Python caller gets the CLI's one line, nothing written."""
+    d, _ = tiny
+    pairs = d / "pairs.jsonl"
+    cases = [
+        (lambda: api.run(d / "model", pairs, tmp_path / "r", scorer="world"), "--scorer needs --eval"),
+        (lambda: api.run(d / "model", pairs, tmp_path / "r", iterations=0), "iterations must be >= 1"),
+        (lambda: api.run(d / "model", pairs, pairs), "is a file, not a directory"),
+        (lambda: api.generate(d / "model", pairs, pairs), "is also --prompts"),
+        (lambda: api.generate(d / "model", pairs, tmp_path / "o.jsonl", batch_size=0), "--batch-size must be >= 1"),
+        (lambda: api.evaluate(d / "model", pairs, "world", out=pairs), "is also --data"),
+        (lambda: api.finetune(tmp_path / "nope", pairs, tmp_path / "ft"), "model directory not found"),
+        (lambda: api.finetune(d / "model", pairs, tmp_path / "ft", grad_accum=0), "--grad-accum must be >= 1"),
+        (lambda: api.convert(d / "model", pairs), "is a file; a directory is wanted"),
+        (lambda: api.data(pairs, tmp_path / "s.jsonl", seeds=0), "--seeds must be >= 1"),
+    ]
+    for call, match in cases:
+        with pytest.raises(UserError, match=match):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_overrides_over_preset_and_mesh():

@@ -306,6 +306,8 @@ def test_bad_arguments_refused_before_work(src, tmp_path, capsys):
     kw = tmp_path / "kw.txt"
     kw.write_text("water\n")
     other = _qa(tmp_path / "other.jsonl", [{"question": "something else", "answer": "x"}])
+    preset = tmp_path / "preset.json"
+    preset.write_text('{"sft": {"grad_accum": 0}}')
     m, d = str(src), str(data)
     cases = [
         (["eval", "--model", m, "--data", d, "--scorer", f"keywords:{kw}", "--out", d], "is also --data"),
@@ -319,7 +321,7 @@ def test_bad_arguments_refused_before_work(src, tmp_path, capsys):
         (["convert", "--model", m, "--out", m, "--overwrite"], "is also --model"),
         (["finetune", "--model", m, "--data", d, "--out", str(afile)], "is a file; a directory is wanted"),
         (["finetune", "--model", m, "--data", d, "--out", str(tmp_path / "ft"), "--grad-accum", "0"],
-         "--grad-accum must be >= 1"),
+         "error: --grad-accum must be >= 1"),
         (["finetune", "--model", str(tmp_path / "nope"), "--data", d, "--out", str(tmp_path / "ft")],
          "model directory not found"),
         (["data", "--input", d, "--out", str(outdir)], "is a directory"),
@@ -330,7 +332,13 @@ def test_bad_arguments_refused_before_work(src, tmp_path, capsys):
         (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--iterations", "0"],
          "--iterations must be >= 1"),
         (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--sft.grad-accum", "0"],
-         "--grad-accum must be >= 1"),
+         "error: --sft.grad-accum must be >= 1"),  # the flag as typed (finetune's is --grad-accum)
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--batch-size", "4",
+          "--sft.batch-size=0"], "error: --sft.batch-size must be >= 1"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--answer-gen.temperature", "-1"],
+         "error: --answer-gen.temperature must be >= 0"),
+        (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--config", str(preset)],
+         rf"error: {preset}: sft.grad_accum must be >= 1"),
         (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--batch-size", "0"],
          "--batch-size must be >= 1"),
         (["run", "--model", m, "--seeds", d, "--run-dir", str(tmp_path / "r"), "--scorer", "world"],
