@@ -92,30 +92,45 @@ def _alive(pid: int) -> bool:
 
 
 _TEMP = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)-[^/]*$")  # .NAME.tmp-PID-xxx: atomic()'s temp for NAME
+# the temps atomic() made before they carried the writer's PID: .NAME.xxxxxxxx.tmp files and .NAME.xxxxxxxx
+# directories (tempfile's 8 random characters); no writer of this version makes them, so they are stale
+_LEGACY_TEMP = re.compile(r"^\.(.+)\.[a-z0-9_]{8}(\.tmp)?$")
+
+
+def _temp_of(p: Path) -> tuple[str, str, int | None] | None:
+    """(NAME, "tmp" or "old", the writer's PID or None for a legacy temp) when `p` is a temp that atomic()
+    makes or made for NAME; else None."""
+    m = _TEMP.match(p.name)
+    if m:
+        return m.group(1), m.group(2), int(m.group(3))
+    m = _LEGACY_TEMP.match(p.name)
+    if m and (p.is_file() if m.group(2) else p.is_dir()) and not p.is_symlink():
+        return m.group(1), "tmp", None
+    return None
 
 
 def _clean_stale(path: Path) -> None:
     """Remove what a killed writer of `path` left beside it (temps named .NAME.tmp-PID-*, old copies
-    .NAME.old-PID-*, PID no longer running). An old copy kept aside by a replace that was killed half-way
-    is moved back if `path` itself is missing."""
-    for p in path.parent.glob(f".{glob.escape(path.name)}.*-*-*"):
+    .NAME.old-PID-*, PID no longer running; temps of older versions, named without a PID). An old copy
+    kept aside by a replace that was killed half-way is moved back if `path` itself is missing."""
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
         _remove_if_stale(p, path)
 
 
 def remove_stale_temps(directory) -> None:
     """`_clean_stale` for every temp under `directory` (e.g. a run directory, on start)."""
-    for p in sorted(Path(directory).rglob(".*.*-*-*")):
-        m = _TEMP.match(p.name)
-        if m:
-            _remove_if_stale(p, p.parent / m.group(1))
+    for p in sorted(Path(directory).rglob(".*.*")):
+        t = _temp_of(p)
+        if t:
+            _remove_if_stale(p, p.parent / t[0])
 
 
 def _remove_if_stale(p: Path, target: Path) -> None:
-    m = _TEMP.match(p.name)
-    if m is None or m.group(1) != target.name or _alive(int(m.group(3))):
+    t = _temp_of(p)
+    if t is None or t[0] != target.name or (t[2] is not None and _alive(t[2])):
         return
     try:
-        if m.group(2) == "old" and not target.exists():
+        if t[1] == "old" and not target.exists():
             os.replace(p, target)
         elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

@@ -223,10 +223,12 @@ def test_unusable_stage_output_is_redone(finished, tmp_path, capsys):
     killed = run / "iter_1" / ".model.tmp-999999999-abc"  # an export killed half-way
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"half")
+    legacy = run / "iter_1" / ".questions.jsonl.x7_k2p9q.tmp"  # an older version's temp (no PID)
+    legacy.write_text("half")
     (run / "iter_1" / "kept.jsonl").write_text("not json\n")
     new = rundir.run(d / "model", seeds, run, _cfg())
     assert "iter_1/answers.jsonl: empty; redoing it" in capsys.readouterr().out
-    assert not killed.exists()
+    assert not killed.exists() and not legacy.exists()
     answers = fileio.read_jsonl(run / "iter_1" / "answers.jsonl")
     assert len(answers) == 4
     f = json.loads((run / "iter_1" / "filter.json").read_text())
@@ -263,10 +265,17 @@ def test_stale_export_temps_removed_and_overwrite_keeps_old(src, tmp_path, monke
     stale[0].mkdir()
     (stale[0] / "model.safetensors").write_bytes(b"half")
     stale[1].write_text("half")
+    legacy = [tmp_path / ".out.k2j_h4g5", tmp_path / ".out.ab12cd34.tmp"]  # older versions' temps (no PID)
+    legacy[0].mkdir()
+    (legacy[0] / "model.safetensors").write_bytes(b"half")
+    legacy[1].write_text("half")
     mine = tmp_path / f".out.tmp-{os.getpid()}-live"  # a live writer's temp is left alone
     mine.mkdir()
+    other = tmp_path / ".out.abcdefgh"  # a file in a temp directory's name: not ours, kept
+    other.write_text("user's")
     checkpoint.save(out, cfg, params, tokenizer_from=src)
-    assert not any(p.exists() for p in stale) and mine.is_dir()
+    assert not any(p.exists() for p in stale + legacy) and mine.is_dir() and other.is_file()
+    other.unlink()
     before = (out / "model.safetensors").read_bytes()
     real = os.replace
 
