@@ -189,7 +189,7 @@ class RunDir:
         p = self.root / "config.json"
         on_disk = read_run_config(p) if p.is_file() else None
         if on_disk is not None:
-            old = dict(on_disk)
+            old = without_mesh(on_disk)  # (earlier versions wrote sft.mesh: null; a mesh never blocks a resume)
             if old.get("eval") is None or ident["eval"] is None:  # adding eval prompts later is fine
                 old["eval"] = ident["eval"] = ident["eval"] or old.get("eval")
             # more iterations continue a run: iterations 1..T_old are the same whatever T is

@@ -107,6 +107,11 @@ def test_run_resumes_on_another_mesh(tiny, tmp_path):
     rundir.RunDir(tmp_path, IsaraConfig(demos=2, mesh="data=1"), d / "model", seeds)  # not a different run
     with pytest.raises(UserError, match="different config"):
         rundir.RunDir(tmp_path, IsaraConfig(demos=3), d / "model", seeds)
+    # a run directory written by the previous version (sft.mesh: null in config.json) resumes too
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["isara"]["sft"]["mesh"] = None
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    rundir.RunDir(tmp_path, cfg, d / "model", seeds)
 
 
 def test_package_exports_verbs_lazily():
