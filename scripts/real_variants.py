@@ -1,0 +1,78 @@
+"""Measurements behind the real demo's settings (configs/README.md, "The real demo").
+
+    python scripts/real_variants.py retrieval
+        how often the K = 4 seeds nearest to an evaluation prompt (the demo's 60 + 40 subset) are helpful
+        ones, for the default 80 seeds and for the balanced 96, with the `hashing` and `lm` embedders
+    python scripts/real_variants.py balanced RUN_DIR [--seed 0] [--baselines sft]
+        the real demo with balanced seeds: 48 refusal seeds (category round-robin) + the 16 risky-sounding
+        helpful + the 32 ordinary helpful seeds (assets/safety/ordinary_seeds.jsonl) = 96; REAL otherwise,
+        SFT micro-batch 8 x 8 (the same effective batch as REAL's 16 x 4, half the activation memory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+
+from selfalign_jax import embed, fileio, isara, real_demo, rundir
+from selfalign_jax.evaluate.refusal import RefusalScorer
+
+
+def balanced_seeds() -> list[dict]:
+    seeds, helpful, _ = real_demo.load_assets()
+    ordinary = fileio.read_jsonl(real_demo.ASSETS / "ordinary_seeds.jsonl")
+    refusals = real_demo.eval_subset([dict(r, label="harmful") for r in seeds], 48, 0)
+    return [dict(r, helpful=False) for r in refusals] + [dict(r, helpful=True) for r in helpful + ordinary]
+
+
+def retrieval(k: int = 4) -> None:
+    seeds, helpful, evals = real_demo.load_assets()
+    evals = real_demo.eval_subset(evals, *real_demo.SUBSET)
+    default = [dict(r, helpful=False) for r in seeds] + [dict(r, helpful=True) for r in helpful]
+    pools = {"80 (64 refusal + 16 helpful)": default, "96 balanced (48 + 16 + 32)": balanced_seeds()}
+    model = real_demo.ensure_model()
+    for name in ("hashing", "lm"):
+        emb = embed.get_embedder(name, model if name == "lm" else None)
+        q = embed.l2_normalize(np.asarray(emb.embed([r["question"] for r in evals])))
+        for label, pool in pools.items():
+            p = embed.l2_normalize(np.asarray(emb.embed([r["question"] for r in pool])))
+            nearest = np.argsort(-(q @ p.T), axis=1)[:, :k]
+            helpful_mask = np.array([r["helpful"] for r in pool])
+            for lab in ("harmful", "benign"):
+                rows = np.array([r["label"] == lab for r in evals])
+                print(f"{name:8s} {label:30s} {lab:8s}: helpful share of the {k} nearest seeds "
+                      f"{helpful_mask[nearest[rows]].mean():.3f} (base rate {helpful_mask.mean():.3f})")
+
+
+def balanced(run_dir: str, seed: int, baselines: list[str]) -> None:
+    cfg = real_demo.REAL
+    sft = dataclasses.replace(cfg.sft, batch_size=8, grad_accum=8)
+    cfg = dataclasses.replace(cfg, sft=sft, iterations=2, seed=seed)
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in balanced_seeds()]
+    _, _, evals = real_demo.load_assets()
+    evals = real_demo.eval_subset(evals, *real_demo.SUBSET)
+    model = real_demo.ensure_model()
+    isara.log(f"balanced seeds: {len(rows)}")
+    out = rundir.run(model, rows, run_dir, cfg, evals, RefusalScorer(), argv_note={"demo": "real-balanced"})
+    for kind in baselines:
+        out = rundir.baseline(kind, model, rows, run_dir, cfg, evals, RefusalScorer(), note={"demo": "real-balanced"})
+    print(json.dumps(real_demo.summary(out, 0, run_dir, None)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("retrieval")
+    b = sub.add_parser("balanced")
+    b.add_argument("run_dir")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--baselines", nargs="*", default=["sft"])
+    a = ap.parse_args()
+    retrieval() if a.cmd == "retrieval" else balanced(a.run_dir, a.seed, a.baselines)
+
+
+if __name__ == "__main__":
+    main()
