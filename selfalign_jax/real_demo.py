@@ -38,8 +38,8 @@ ASSETS = Path(__file__).parent / "assets" / "safety"
 # K = 4 demonstrations; questions sampled as the paper does; answers at temperature 0.7 / top-k 50 with no
 # repetition penalty and no n-gram ban: measured, the paper's penalties over the whole prompt forbid copying
 # the demonstrations' refusal wording (ICL answers to 60 harmful prompts: 59 without a refusal). SFT lr 5e-5
-# halved per iteration, 2 epochs, batch 16 (the issue's first try). A complete run with these settings has
-# not been measured yet (configs/README.md says what was and was not).
+# halved per iteration, 2 epochs, effective batch 64 (the issue's first try). Measured on 2 seeds
+# (configs/README.md): ISARA beats SFT on the seeds on both axes but over-refuses (benign refusal ~0.49).
 REAL = IsaraConfig(
     iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm",
     question_gen=GenConfig(max_new_tokens=48, temperature=1.0, top_k=50, repetition_penalty=1.05,
