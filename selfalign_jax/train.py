@@ -48,6 +48,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -413,6 +414,8 @@ def orbax_disk_errors(directory):
         if err is None:
             raise
         failed = True
+        # Orbax's unfinished writes are garbage-collected at exit: "coroutine ... was never awaited"
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         raise err from None
     finally:
         if not (flt.tripped or failed):  # after a failure the late reports keep coming: keep both on
