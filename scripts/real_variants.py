@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from selfalign_jax import embed, fileio, isara, real_demo, rundir
+from selfalign_jax import embed, fileio, isara, real_demo, retrieval, rundir
 from selfalign_jax.evaluate.refusal import RefusalScorer
 
 
@@ -28,7 +28,7 @@ def balanced_seeds() -> list[dict]:
     return [dict(r, helpful=False) for r in refusals] + [dict(r, helpful=True) for r in helpful + ordinary]
 
 
-def retrieval(k: int = 4) -> None:
+def helpful_neighbours(k: int = 4) -> None:
     seeds, helpful, evals = real_demo.load_assets()
     evals = real_demo.eval_subset(evals, *real_demo.SUBSET)
     default = [dict(r, helpful=False) for r in seeds] + [dict(r, helpful=True) for r in helpful]
@@ -36,10 +36,10 @@ def retrieval(k: int = 4) -> None:
     model = real_demo.ensure_model()
     for name in ("hashing", "lm"):
         emb = embed.get_embedder(name, model if name == "lm" else None)
-        q = embed.l2_normalize(np.asarray(emb.embed([r["question"] for r in evals])))
+        q = emb.embed([r["question"] for r in evals])
         for label, pool in pools.items():
-            p = embed.l2_normalize(np.asarray(emb.embed([r["question"] for r in pool])))
-            nearest = np.argsort(-(q @ p.T), axis=1)[:, :k]
+            # the index the answer step queries (exact search at this pool size)
+            nearest = retrieval.PoolIndex.build(emb.embed([r["question"] for r in pool])).query(q, k)
             helpful_mask = np.array([r["helpful"] for r in pool])
             for lab in ("harmful", "benign"):
                 rows = np.array([r["label"] == lab for r in evals])
@@ -71,7 +71,7 @@ def main() -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--baselines", nargs="*", default=["sft"])
     a = ap.parse_args()
-    retrieval() if a.cmd == "retrieval" else balanced(a.run_dir, a.seed, a.baselines)
+    helpful_neighbours() if a.cmd == "retrieval" else balanced(a.run_dir, a.seed, a.baselines)
 
 
 if __name__ == "__main__":
