@@ -1,6 +1,7 @@
 """SFT examples: encoding (question, answer) pairs with their loss mask, epoch planning (random rows
 per step, or length-grouped windows; deterministic) and padded batches [grad_accum, rows, T] in length
-buckets (multiples of `bucket` tokens, so at most max_length / bucket step shapes are compiled)."""
+buckets (multiples of `bucket` tokens, so at most max_length / bucket step shapes are compiled), one
+example per row or several packed into a row."""
 
 from __future__ import annotations
 
@@ -130,32 +131,70 @@ def bucket_len(n: int, bucket: int, max_length: int) -> int:
     return int(min(max_length, max(bucket, -(-n // bucket) * bucket)))
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: positions into `lengths` grouped into rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        r = next((r for r, f in enumerate(free) if f >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            free.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
+
+
+def packed_layout(lengths: Sequence[int], grad_accum: int, micro_rows: int, max_length: int,
+                  bucket: int) -> tuple[int, int, list[list[int]]]:
+    """(A, T, rows) with the fewest padded tokens A * micro_rows * T over the length buckets T (ties: the
+    shorter T): each row holds whole examples, A <= grad_accum micro-batches of micro_rows rows."""
+    longest = bucket_len(max(lengths, default=1), bucket, max_length)
+    best = None
+    for T in range(longest, bucket_len(max_length, bucket, max_length) + 1, bucket):
+        rows = pack_rows(lengths, T)
+        A = max(1, -(-len(rows) // micro_rows))
+        if A <= grad_accum and (best is None or A * T < best[0] * best[1]):
+            best = (A, T, rows)
+    return best
+
+
 def make_batch(enc: Encoded, idx: Sequence[int], grad_accum: int, micro_rows: int, max_length: int,
-               bucket: int = 64) -> dict[str, np.ndarray]:
+               bucket: int = 64, pack: bool = False) -> dict[str, np.ndarray]:
     """Arrays [grad_accum, micro_rows, T] (T = the length bucket of the longest example):
     tokens (inputs, pad_id at padding), pos (0.. on tokens, -1 at padding), targets (next token) and
-    weights (1.0 where the target is an answer token). Rows beyond len(idx) are empty."""
+    weights (1.0 where the target is an answer token). Rows beyond len(idx) are empty.
+    pack: several whole examples per row (positions restart at 0 at each, which the model reads as a
+    new sequence: attention never crosses it), in the fewest micro-batches A <= grad_accum and length
+    bucket T (`packed_layout`): arrays [A, micro_rows, T]. The token-normalised loss and its gradient
+    are those of the unpacked batch (up to float summation order)."""
     idx = list(idx)
     A, b = grad_accum, micro_rows
     if len(idx) > A * b:
         raise ValueError(f"{len(idx)} examples do not fit {A} x {b} rows")
-    T = bucket_len(max((len(enc.ids[i]) - 1 for i in idx), default=1), bucket, max_length)
+    if pack and idx:
+        A, T, groups = packed_layout([len(enc.ids[i]) - 1 for i in idx], A, b, max_length, bucket)
+        per = -(-len(groups) // A)  # spread the rows evenly over the micro-batches
+        place = [((g // per) * b + g % per, [idx[j] for j in grp]) for g, grp in enumerate(groups)]
+    else:
+        T = bucket_len(max((len(enc.ids[i]) - 1 for i in idx), default=1), bucket, max_length)
+        per = -(-len(idx) // A) if idx else 0  # spread a short step evenly over the micro-batches
+        place = [((r // per) * b + (r % per) if per <= b else r, [i]) for r, i in enumerate(idx)]
     tokens = np.full((A * b, T), enc.pad_id, np.int32)
     pos = np.full((A * b, T), -1, np.int32)
     targets = np.zeros((A * b, T), np.int32)
     weights = np.zeros((A * b, T), np.float32)
-    per = -(-len(idx) // A) if idx else 0  # spread a short step evenly over the micro-batches
-    for r, i in enumerate(idx):
-        row = (r // per) * b + (r % per) if per <= b else r
-        ids, t = enc.ids[i], enc.loss_mask[i]
-        n = len(ids) - 1
-        tokens[row, :n] = ids[:-1]
-        pos[row, :n] = np.arange(n)
-        targets[row, :n] = ids[1:]
-        weights[row, :n] = t[1:]
+    for row, members in place:
+        o = 0
+        for i in members:
+            ids, t = enc.ids[i], enc.loss_mask[i]
+            n = len(ids) - 1
+            tokens[row, o:o + n] = ids[:-1]
+            pos[row, o:o + n] = np.arange(n)
+            targets[row, o:o + n] = ids[1:]
+            weights[row, o:o + n] = t[1:]
+            o += n
     shape = (A, b, T)
     return {"tokens": tokens.reshape(shape), "pos": pos.reshape(shape), "targets": targets.reshape(shape),
             "weights": weights.reshape(shape)}
-
-
-# ------------------------------------------------------------------------------------- optimizer

@@ -53,6 +53,12 @@ def _check(owner: str, obj, rules) -> None:
             raise SettingError(owner, field, getattr(obj, field), rule)
 
 
+# settings that change how a run is laid out or checkpointed, not its results (up to float summation
+# order): a run or a fine-tune resumes across them
+RESULT_NEUTRAL = frozenset({"checkpoint_every", "keep_checkpoints", "mesh", "remat", "loss_chunk", "streams",
+                            "packing"})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """SFT hyper-parameters. Defaults follow the ISARA reference (AdamW 0.9/0.95, no weight decay,
@@ -74,6 +80,9 @@ class TrainConfig:
     # batch composition: False = uniformly random rows per step (the authors' sampler); True = rows of
     # similar length per step (less padding, faster; biases which examples share a step)
     length_grouping: bool = False
+    # several whole examples per row (attention kept within each), in the fewest rows and length bucket:
+    # the same token-normalised gradient with far less padding; loss_norm "sequence" keeps one per row
+    packing: bool = True
     # "token": mean over every answer token of the step; "sequence" (the authors' safe-rlhf): each row's
     # loss summed over its answer tokens / the micro-batch's padded length, then the mean over the
     # micro-batch's rows, then over the step's micro-batches
@@ -113,8 +122,7 @@ class TrainConfig:
 
     def fingerprint_fields(self) -> dict:
         """The settings that determine the trajectory (a resumed run must match them)."""
-        skip = {"checkpoint_every", "keep_checkpoints", "mesh", "remat", "loss_chunk", "streams"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESULT_NEUTRAL}
 
 
 # `selfalign finetune`'s (and `api.finetune`'s) defaults where they differ from the library's: dtype from
@@ -162,6 +170,7 @@ class IsaraConfig:
     template: Literal["plain", "chat"] = "plain"
     embedder: Literal["encoder", "lm", "hashing"] = "lm"
     encoder: str | None = None  # local HF directory of a BERT-family sentence encoder
+    lm_layers: float = 1.0  # the lm embedder pools the hidden states after this fraction of the layers
     question_gen: GenConfig = GenConfig(max_new_tokens=200, temperature=1.0, repetition_penalty=1.05,
                                         no_repeat_ngram=10)
     answer_gen: GenConfig = GenConfig(max_new_tokens=100, temperature=1.0, repetition_penalty=1.2,
@@ -190,6 +199,7 @@ class IsaraConfig:
         _check("IsaraConfig", self, [
             ("iterations", self.iterations >= 1, "must be >= 1"), ("generate", self.generate >= 1, "must be >= 1"),
             ("demos", self.demos >= 1, "must be >= 1"), ("context_budget", self.context_budget >= 1, "must be >= 1"),
+            ("lm_layers", 0 < self.lm_layers <= 1, "must be in (0, 1]"),
             ("icl_demos", self.icl_demos is None or self.icl_demos >= 1, "must be >= 1"),
             ("answer_demos", self.answer_demos in ("knn", "random"), "must be knn or random"),
             ("dedup", self.dedup in ("all", "iteration"), "must be all or iteration"),

@@ -11,7 +11,9 @@ F mlp width, P learned positions.
 
 Padding convention: `pos_BxT` holds each token's position, -1 at padding. Attention lets query q see
 key s when `0 <= pos[s] <= pos[q]` (and `pos[q] - pos[s] < window` with a sliding window), which is
-causal + padding mask in one rule, for the full forward and for the KV cache alike.
+causal + padding mask in one rule, for the full forward and for the KV cache alike. In the full forward
+a row may hold several sequences (packed SFT batches): each starts at position 0, and a query sees only
+keys of its own sequence (sequence ids = running count of position-0 tokens along the row).
 """
 
 from __future__ import annotations
@@ -413,6 +415,7 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
     ks = jnp.split(k_BxSxKxH.transpose(0, 2, 1, 3), cuts, axis=2)
     vs = jnp.split(v_BxSxKxH.transpose(0, 2, 1, 3), cuts, axis=2)
     ps = jnp.split(pos_BxT, cuts, axis=1)
+    seqs = jnp.split(jnp.cumsum(pos_BxT == 0, axis=1, dtype=jnp.int32), cuts, axis=1)  # packed rows
     outs = []
     for j, q_BxKxGxCxH in enumerate(qs):
         c = q_BxKxGxCxH.shape[3]
@@ -424,6 +427,8 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
         s = _softcap(s, cfg.attn_softcap)
         qpos = jnp.broadcast_to(ps[j][:, None], (B, G, c)).reshape(B, 1, G * c, 1)
         ok = _mask(cfg, i, qpos, kpos_BxE[:, None, None, :])
+        qseq = jnp.broadcast_to(seqs[j][:, None], (B, G, c)).reshape(B, 1, G * c, 1)
+        ok &= qseq == jnp.concatenate(seqs[:j + 1], axis=1)[:, None, None, :]
         p = _masked_softmax(s, ok, q_BxTxNxH.dtype)
         o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxExH)
         outs.append(o.reshape(B, K, G, c, H))

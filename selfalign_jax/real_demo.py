@@ -38,10 +38,11 @@ ASSETS = Path(__file__).parent / "assets" / "safety"
 # K = 4 demonstrations; questions sampled as the paper does; answers at temperature 0.7 / top-k 50 with no
 # repetition penalty and no n-gram ban: measured, the paper's penalties over the whole prompt forbid copying
 # the demonstrations' refusal wording (ICL answers to 60 harmful prompts: 59 without a refusal). SFT lr 5e-5
-# halved per iteration, 2 epochs, effective batch 64 (the issue's first try). Measured on 2 seeds
-# (configs/README.md): ISARA beats SFT on the seeds on both axes but over-refuses (benign refusal ~0.49).
+# halved per iteration, 2 epochs, effective batch 64 (the issue's first try). Retrieval embeds with the
+# model's middle layer (lm_layers 0.5): the 4 seeds nearest to a benign prompt are helpful ones 32% of the
+# time there, 17.5% with the last layer (base rate 20%). Measured results: configs/README.md.
 REAL = IsaraConfig(
-    iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm",
+    iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm", lm_layers=0.5,
     question_gen=GenConfig(max_new_tokens=48, temperature=1.0, top_k=50, repetition_penalty=1.05,
                            no_repeat_ngram=10),
     answer_gen=GenConfig(max_new_tokens=80, temperature=0.7, top_k=50),

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from selfalign_jax import checkpoint, embed, fileio, isara, report, retrieval, runlock
-from selfalign_jax.config import GenConfig, IsaraConfig, SettingError, TrainConfig
+from selfalign_jax.config import RESULT_NEUTRAL, GenConfig, IsaraConfig, SettingError, TrainConfig
 from selfalign_jax.errors import UserError
 from selfalign_jax.isara import log
 from selfalign_jax.loaded import LoadedModel
@@ -170,9 +170,18 @@ class LazyModel:
         return LoadedModel.load(self.path, self.dtype)
 
 
-def without_mesh(d: dict) -> dict:
-    """A config dict without its device layout (mesh, sft.mesh): a run resumes on another mesh."""
-    return {k: (without_mesh(v) if isinstance(v, dict) else v) for k, v in d.items() if k != "mesh"}
+def with_defaults(d: dict, default: dict) -> dict:
+    """d with the keys it lacks taken from `default` (nested): a field added after a run directory was
+    written reads as its default, which is what the older version did."""
+    out = {k: with_defaults(d[k], v) if isinstance(v, dict) and isinstance(d.get(k), dict) else d.get(k, v)
+           for k, v in default.items()}
+    return {**d, **out}
+
+
+def without_layout(d: dict) -> dict:
+    """A config dict without the settings that do not change results (config.RESULT_NEUTRAL: mesh,
+    sft.mesh, sft.packing, ...): a run resumes across them."""
+    return {k: (without_layout(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in RESULT_NEUTRAL}
 
 
 class RunDir:
@@ -182,14 +191,17 @@ class RunDir:
         self.eval_set = eval_set
         self.base = LazyModel(self.model_dir, cfg.dtype)
         open_run_dir(self.root)
-        ident = {"isara": without_mesh(dataclasses.asdict(cfg)), "model": str(self.model_dir.resolve()),
+        ident = {"isara": without_layout(dataclasses.asdict(cfg)), "model": str(self.model_dir.resolve()),
                  "seeds": sha(self.seeds), "eval": sha(eval_set) if eval_set is not None else None,
                  **(note or {})}
         ident = json.loads(json.dumps(ident))  # as config.json holds it (tuples become lists)
         p = self.root / "config.json"
         on_disk = read_run_config(p) if p.is_file() else None
         if on_disk is not None:
-            old = without_mesh(on_disk)  # (earlier versions wrote sft.mesh: null; a mesh never blocks a resume)
+            old = without_layout(on_disk)  # (earlier versions wrote sft.mesh: null and no sft.packing)
+            if isinstance(old.get("isara"), dict):
+                old["isara"] = with_defaults(old["isara"], json.loads(json.dumps(
+                    without_layout(dataclasses.asdict(IsaraConfig())))))
             if old.get("eval") is None or ident["eval"] is None:  # adding eval prompts later is fine
                 old["eval"] = ident["eval"] = ident["eval"] or old.get("eval")
             # more iterations continue a run: iterations 1..T_old are the same whatever T is
@@ -226,7 +238,7 @@ class RunDir:
     def embedder(self):
         c = self.cfg
         if c.embedder == "lm":
-            return embed.LMEmbedder(self.base.model, mesh=make_mesh(c.mesh) if c.mesh else None)
+            return embed.LMEmbedder(self.base.model, mesh=make_mesh(c.mesh) if c.mesh else None, layers=c.lm_layers)
         if c.embedder == "encoder" and not c.encoder:
             raise UserError("--embedder encoder (the paper preset's default) needs --encoder DIR (a local "
                             "sentence-encoder directory, e.g. all-MiniLM-L6-v2), or choose --embedder lm|hashing")
@@ -306,7 +318,7 @@ class RunDir:
         fileio.write_json(it / "filter.json", {"candidates": n, "kept": len(kept), "dropped": drops})
         fileio.write_jsonl(it / "kept.jsonl", kept)
         log(f"{it.name}: kept {len(kept)} of {n} (dropped: "
-                  + ", ".join(f"{k} {v}" for k, v in drops.items() if v) + ")")
+            + (", ".join(f"{k} {v}" for k, v in drops.items() if v) or "none") + ")")
         return kept
 
     def model_stage(self, path: Path, fn) -> LazyModel:

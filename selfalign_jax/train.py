@@ -193,7 +193,8 @@ class StepSpec:
         static = dataclasses.replace(tcfg, lr=TrainConfig.lr, warmup_ratio=TrainConfig.warmup_ratio,
                                      seed=0, epochs=1, max_length=TrainConfig.max_length, bucket=TrainConfig.bucket,
                                      batch_size=TrainConfig.batch_size, grad_accum=TrainConfig.grad_accum,
-                                     checkpoint_every=0, keep_checkpoints=2, mesh=None, dtype=tcfg.dtype)
+                                     checkpoint_every=0, keep_checkpoints=2, mesh=None, dtype=tcfg.dtype,
+                                     packing=TrainConfig.packing)
         return cls(dataclasses.replace(cfg, dtype="float32"), meshlib.compute_dtype(tcfg.dtype), static, streams,
                    mesh, rules)
 
@@ -509,7 +510,7 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
             plans.clear()
             plans[e] = plan_epoch(enc.lengths, tcfg.effective_batch, tcfg.seed, e, tcfg.length_grouping)
         return make_batch(enc, plans[e][step % spe], tcfg.grad_accum, trainer.micro_rows, tcfg.max_length,
-                          tcfg.bucket)
+                          tcfg.bucket, pack=tcfg.packing and tcfg.loss_norm == "token")
 
     bar = None
     if progress and _is_main():

@@ -1,6 +1,7 @@
 """selfalign_jax.api: the verbs raise UserError (the CLI turns it into one line + exit 2), config overrides,
 the memory check before any compile, a .gguf converted once, a run resumed on another mesh."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -107,11 +108,16 @@ def test_run_resumes_on_another_mesh(tiny, tmp_path):
     rundir.RunDir(tmp_path, IsaraConfig(demos=2, mesh="data=1"), d / "model", seeds)  # not a different run
     with pytest.raises(UserError, match="different config"):
         rundir.RunDir(tmp_path, IsaraConfig(demos=3), d / "model", seeds)
-    # a run directory written by the previous version (sft.mesh: null in config.json) resumes too
+    # a run directory written by a previous version (sft.mesh: null, no lm_layers) resumes too,
+    # and packing (same results) never blocks a resume
     conf = json.loads((tmp_path / "config.json").read_text())
     conf["isara"]["sft"]["mesh"] = None
+    del conf["isara"]["lm_layers"]
     (tmp_path / "config.json").write_text(json.dumps(conf))
     rundir.RunDir(tmp_path, cfg, d / "model", seeds)
+    rundir.RunDir(tmp_path, IsaraConfig(demos=2, sft=dataclasses.replace(cfg.sft, packing=False)), d / "model", seeds)
+    with pytest.raises(UserError, match=r"different config \(isara.lm_layers\)"):
+        rundir.RunDir(tmp_path, IsaraConfig(demos=2, lm_layers=0.5), d / "model", seeds)
 
 
 def test_package_exports_verbs_lazily():

@@ -142,6 +142,17 @@ def test_lm_embedder(tmp_path):
         e = h.mean(0)
         want.append((e / e.norm()).numpy())
     assert np.abs(got - np.stack(want)).max() <= 1e-4
+    # layers=0.5: the hidden states after the first half of the layers, with the final norm
+    half = E.get_embedder("lm", model=tmp_path, batch_size=2, lm_layers=0.5)
+    k = E.lm_depth(m.config.num_hidden_layers, 0.5)
+    assert half.cfg.n_layers == k < m.config.num_hidden_layers
+    want = []
+    for t in texts:
+        ids = torch.tensor([tok(t)["input_ids"]])
+        with torch.no_grad():
+            e = m.model.norm(m(input_ids=ids, output_hidden_states=True).hidden_states[k][0]).mean(0)
+        want.append((e / e.norm()).numpy())
+    assert np.abs(half.embed(texts) - np.stack(want)).max() <= 1e-4
 
 
 def test_lm_embedder_sharded_equals_unsharded(tmp_path):

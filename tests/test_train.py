@@ -189,6 +189,52 @@ def test_sequence_loss_norm_equals_direct_computation(base, streams):
     assert abs(float(tok_mean.step(st2, fr2, batch)[1]["loss"]) - float(want)) > 1e-3  # the two norms differ
 
 
+def test_pack_rows_places_every_example_once_with_less_padding(base):
+    """Packing: each example in exactly one row, whole; rows within T; positions restart at 0 per example; the
+    same tokens, targets and weights as the unpacked batch; fewer padded tokens."""
+    _, _, tok = base
+    enc = batching.encode_pairs(_pairs(24, seed=6), tok, max_length=32)
+    idx = list(range(3, 19))
+    plain = batching.make_batch(enc, idx, 4, 4, 64, bucket=8)
+    packed = batching.make_batch(enc, idx, 4, 4, 64, bucket=8, pack=True)
+    assert packed["tokens"].size < plain["tokens"].size
+    got, want = [], []
+    for b in (plain, packed):
+        pos, out = b["pos"].reshape(-1, b["pos"].shape[-1]), []
+        for r in range(pos.shape[0]):
+            starts = list(np.flatnonzero(pos[r] == 0)) + [int((pos[r] >= 0).sum())]
+            for a, e in zip(starts, starts[1:]):
+                assert (pos[r, a:e] == np.arange(e - a)).all()
+                out.append(tuple(repr(b[k].reshape(pos.shape)[r, a:e].tolist())
+                                 for k in ("tokens", "targets", "weights")))
+        (want if b is plain else got).append(sorted(out))
+    assert got == want and len(got[0]) == len(idx)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_packed_step_equals_unpacked_step(tmp_path, family):
+    """One optimizer step on a packed batch == on the same examples one per row: loss, gradient norm and the
+    updated parameters (gemma2: sliding window and soft-caps inside packed rows)."""
+    fx.make_model(family, tmp_path)
+    cfg, params = C.load(tmp_path, dtype="float32")
+    tok = C.load_tokenizer(tmp_path)
+    enc = batching.encode_pairs(_pairs(14, seed=7), tok, max_length=32)
+    tc = train.TrainConfig(lr=1e-3, batch_size=4, grad_accum=4, max_length=32, warmup_ratio=0.0)
+    out = []
+    for pack in (False, True):
+        batch = batching.make_batch(enc, np.arange(14), 4, 4, 64, bucket=8, pack=pack)
+        tr = train.Trainer(cfg, tc, total_steps=4)
+        state, frozen = tr.init_state(jax.tree.map(np.array, params))
+        state, m = tr.step(state, frozen, batch)
+        out.append((batch["tokens"].shape, {k: float(v) for k, v in m.items()}, jax.tree.map(np.asarray, state.params)))
+    (s0, m0, p0), (s1, m1, p1) = out
+    assert s1[0] * s1[2] < s0[0] * s0[2], (s0, s1)  # fewer padded tokens per row slot
+    assert m1["tokens"] == m0["tokens"] and m1["inputs"] == m0["inputs"]
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5)
+    assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-4)
+    assert _maxdiff(p0, p1) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------ loss
 def test_loss_equals_transformers_loss_with_prompt_masked(base):
     """Our token-weighted loss == HF's loss with labels -100 on the prompt: prompt tokens add nothing."""
