@@ -3,6 +3,11 @@
     python scripts/real_variants.py retrieval
         how often the K = 4 seeds nearest to an evaluation prompt (the demo's 60 + 40 subset) are helpful
         ones, for the default 80 seeds and for the balanced 96, with the `hashing` and `lm` embedders
+        (`lm` = the last layer, `lm@0.5` = the middle layer: REAL's lm_layers)
+    python scripts/real_variants.py full RUN_DIR OUT_DIR [--seed 0] [--cache-dir DIR]
+        a finished default real run re-judged on every evaluation prompt (154 harmful + 100 benign) with
+        every baseline: OUT_DIR gets the run's generated data and models (hard links) but none of its
+        evaluations, then the demo runs there with --all-baselines --full-eval (one round is trained anew)
     python scripts/real_variants.py balanced RUN_DIR [--seed 0] [--baselines sft]
         the real demo with balanced seeds: 48 refusal seeds (category round-robin) + the 16 risky-sounding
         helpful + the 32 ordinary helpful seeds (assets/safety/ordinary_seeds.jsonl) = 96; REAL otherwise,
@@ -14,6 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -34,8 +42,9 @@ def helpful_neighbours(k: int = 4) -> None:
     default = [dict(r, helpful=False) for r in seeds] + [dict(r, helpful=True) for r in helpful]
     pools = {"80 (64 refusal + 16 helpful)": default, "96 balanced (48 + 16 + 32)": balanced_seeds()}
     model = real_demo.ensure_model()
-    for name in ("hashing", "lm"):
-        emb = embed.get_embedder(name, model if name == "lm" else None)
+    for name in ("hashing", "lm", "lm@0.5"):
+        kind, _, frac = name.partition("@")
+        emb = embed.get_embedder(kind, model if kind == "lm" else None, lm_layers=float(frac or 1))
         q = emb.embed([r["question"] for r in evals])
         for label, pool in pools.items():
             # the index the answer step queries (exact search at this pool size)
@@ -45,6 +54,28 @@ def helpful_neighbours(k: int = 4) -> None:
                 rows = np.array([r["label"] == lab for r in evals])
                 print(f"{name:8s} {label:30s} {lab:8s}: helpful share of the {k} nearest seeds "
                       f"{helpful_mask[nearest[rows]].mean():.3f} (base rate {helpful_mask.mean():.3f})")
+
+
+EVALS = ("pretrained", "metrics.jsonl", "report.md", "report.png", "demo.json", "baselines/icl-knn",
+         "baselines/icl-random", "baselines/one-round")
+
+
+def full(run_dir: str, out_dir: str, seed: int, cache_dir: str | None) -> None:
+    src, dst = Path(run_dir), Path(out_dir)
+    if dst.exists():
+        raise SystemExit(f"{dst}: exists")
+    shutil.copytree(src, dst, copy_function=os.link)
+    for rel in EVALS:
+        p = dst / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in [*dst.glob("iter_*/eval.jsonl"), *dst.glob("iter_*/metrics.json"), dst / "baselines/sft/eval.jsonl",
+              dst / "baselines/sft/metrics.json"]:
+        p.unlink(missing_ok=True)
+    conf = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").unlink()
+    fileio.write_json(dst / "config.json", {**conf, "eval": None})  # the full set is another evaluation set
+    out, _ = real_demo.run_real(dst, seed=seed, all_baselines=True, full_eval=True, cache_dir=cache_dir)
+    print(json.dumps(out))
 
 
 def balanced(run_dir: str, seed: int, baselines: list[str]) -> None:
@@ -66,12 +97,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("retrieval")
+    f = sub.add_parser("full")
+    f.add_argument("run_dir")
+    f.add_argument("out_dir")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--cache-dir", default=None)
     b = sub.add_parser("balanced")
     b.add_argument("run_dir")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--baselines", nargs="*", default=["sft"])
     a = ap.parse_args()
-    helpful_neighbours() if a.cmd == "retrieval" else balanced(a.run_dir, a.seed, a.baselines)
+    if a.cmd == "retrieval":
+        helpful_neighbours()
+    elif a.cmd == "full":
+        full(a.run_dir, a.out_dir, a.seed, a.cache_dir)
+    else:
+        balanced(a.run_dir, a.seed, a.baselines)
 
 
 if __name__ == "__main__":
