@@ -1,8 +1,8 @@
 """What uniformly random SFT batches cost against length-grouped and packed ones (issue 16 item 6).
 
 An ISARA-like SFT set: 64 "seeds" of N(180, 50) tokens and 300 "generated" pairs of N(110, 30) tokens
-(clipped to [24, 512]; the answer is the last 40%), effective batch 32 (8 rows x 4 micro-batches: packing
-fills fewer micro-batches), 64-token length buckets,
+(clipped to [24, 512]; the answer is the last 40%), effective batch 32 (--rows 32 x --accum 1; packing fills
+fewer micro-batches, so it needs --accum > 1, e.g. --rows 8 --accum 4), 64-token length buckets,
 a small random Llama (default 2 layers, hidden 128, vocab 8000, fp32; --layers / --hidden / --vocab).
 Modes: random (uniformly random rows per step, one example per row: the authors' sampler), grouped
 (`plan_epoch(..., group_lengths=True)`) and packed (the random steps, several whole examples per row:
@@ -64,6 +64,8 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--pairs", nargs="*", default=[])
     ap.add_argument("--modes", nargs="*", default=["random", "grouped", "packed"])
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--accum", type=int, default=1)
     a = ap.parse_args()
     if a.model:
         cfg, params = checkpoint.load(a.model, dtype="float32")
@@ -75,7 +77,7 @@ def main():
                        intermediate=int(a.hidden * 2.75), max_pos=1024, dtype="float32")
         params = M.init_params(cfg, jax.random.key(0))
         enc, is_seed = data(vocab=a.vocab)
-        rows, accum, max_len = 8, 4, 512
+        rows, accum, max_len = a.rows, a.accum, 512
     tc = train.TrainConfig(lr=2e-5, batch_size=rows, grad_accum=accum, max_length=max_len, warmup_ratio=0.0)
     trainer = train.Trainer(cfg, tc, total_steps=10_000)
     state, frozen = trainer.init_state(params)

@@ -4,10 +4,11 @@
         how often the K = 4 seeds nearest to an evaluation prompt (the demo's 60 + 40 subset) are helpful
         ones, for the default 80 seeds and for the balanced 96, with the `hashing` and `lm` embedders
         (`lm` = the last layer, `lm@0.5` = the middle layer: REAL's lm_layers)
-    python scripts/real_variants.py full RUN_DIR OUT_DIR [--seed 0] [--cache-dir DIR]
+    python scripts/real_variants.py full RUN_DIR OUT_DIR [--seed 0] [--cache-dir DIR] [--baselines ...]
         a finished default real run re-judged on every evaluation prompt (154 harmful + 100 benign) with
         every baseline: OUT_DIR gets the run's generated data and models (hard links) but none of its
-        evaluations, then the demo runs there with --all-baselines --full-eval (one round is trained anew)
+        evaluations, then the demo runs there with --full-eval and the baselines (default all; one round is
+        trained anew)
     python scripts/real_variants.py balanced RUN_DIR [--seed 0] [--baselines sft]
         the real demo with balanced seeds: 48 refusal seeds (category round-robin) + the 16 risky-sounding
         helpful + the 32 ordinary helpful seeds (assets/safety/ordinary_seeds.jsonl) = 96; REAL otherwise,
@@ -60,7 +61,7 @@ EVALS = ("pretrained", "metrics.jsonl", "report.md", "report.png", "demo.json", 
          "baselines/icl-random", "baselines/one-round")
 
 
-def full(run_dir: str, out_dir: str, seed: int, cache_dir: str | None) -> None:
+def full(run_dir: str, out_dir: str, seed: int, cache_dir: str | None, baselines: list[str]) -> None:
     src, dst = Path(run_dir), Path(out_dir)
     if dst.exists():
         raise SystemExit(f"{dst}: exists")
@@ -74,7 +75,7 @@ def full(run_dir: str, out_dir: str, seed: int, cache_dir: str | None) -> None:
     conf = json.loads((dst / "config.json").read_text())
     (dst / "config.json").unlink()
     fileio.write_json(dst / "config.json", {**conf, "eval": None})  # the full set is another evaluation set
-    out, _ = real_demo.run_real(dst, seed=seed, all_baselines=True, full_eval=True, cache_dir=cache_dir)
+    out, _ = real_demo.run_real(dst, seed=seed, full_eval=True, cache_dir=cache_dir, baselines=tuple(baselines))
     print(json.dumps(out))
 
 
@@ -102,6 +103,7 @@ def main() -> None:
     f.add_argument("out_dir")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--cache-dir", default=None)
+    f.add_argument("--baselines", nargs="*", default=[*real_demo.BASELINES, *real_demo.ALL_BASELINES])
     b = sub.add_parser("balanced")
     b.add_argument("run_dir")
     b.add_argument("--seed", type=int, default=0)
@@ -110,7 +112,7 @@ def main() -> None:
     if a.cmd == "retrieval":
         helpful_neighbours()
     elif a.cmd == "full":
-        full(a.run_dir, a.out_dir, a.seed, a.cache_dir)
+        full(a.run_dir, a.out_dir, a.seed, a.cache_dir, a.baselines)
     else:
         balanced(a.run_dir, a.seed, a.baselines)
 
