@@ -73,7 +73,7 @@ def full(run_dir: str, out_dir: str, seed: int, cache_dir: str | None, baselines
               dst / "baselines/sft/metrics.json"]:
         p.unlink(missing_ok=True)
     conf = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").unlink()
+    # (an atomic replace: the source run's hard-linked config.json keeps its content)
     fileio.write_json(dst / "config.json", {**conf, "eval": None})  # the full set is another evaluation set
     out, _ = real_demo.run_real(dst, seed=seed, full_eval=True, cache_dir=cache_dir, baselines=tuple(baselines))
     print(json.dumps(out))
