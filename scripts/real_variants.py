@@ -13,6 +13,14 @@
         the real demo with balanced seeds: 48 refusal seeds (category round-robin) + the 16 risky-sounding
         helpful + the 32 ordinary helpful seeds (assets/safety/ordinary_seeds.jsonl) = 96; REAL otherwise,
         SFT micro-batch 8 x 8 (the same effective batch as REAL's 16 x 4, half the activation memory)
+    python scripts/real_variants.py answers [--settings NAME...] [--seed 0]
+        ISARA's answer step on the evaluation subset: each prompt answered by the base model with its K nearest
+        seeds (the default 80, middle-layer retrieval) as demonstrations, under each sampling setting of
+        ANSWER_SETTINGS, judged like the final models (compliance on harmful, refusal on benign prompts)
+    python scripts/real_variants.py frontier RUN_DIR... --out PNG
+        every model of the given runs (metrics.jsonl rows) as one point: harmful compliance against benign
+        refusal, with the issue's target region (compliance <= half the pretrained rate, refusal <= 0.15);
+        prints the points as a table
 """
 
 from __future__ import annotations
@@ -22,12 +30,13 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
 from selfalign_jax import embed, fileio, isara, real_demo, retrieval, rundir
-from selfalign_jax.evaluate.refusal import RefusalScorer
+from selfalign_jax.evaluate.refusal import RefusalScorer, is_refusal
 
 
 def balanced_seeds() -> list[dict]:
@@ -55,6 +64,41 @@ def helpful_neighbours(k: int = 4) -> None:
                 rows = np.array([r["label"] == lab for r in evals])
                 print(f"{name:8s} {label:30s} {lab:8s}: helpful share of the {k} nearest seeds "
                       f"{helpful_mask[nearest[rows]].mean():.3f} (base rate {helpful_mask.mean():.3f})")
+
+
+# sampling settings of the answer step (GenConfig overrides of REAL.answer_gen; "demos": K)
+ANSWER_SETTINGS = {
+    "real": {},  # T 0.7, top-k 50, no penalties
+    "greedy": {"temperature": 0.0},
+    "t0.3": {"temperature": 0.3},
+    "t1.0": {"temperature": 1.0},
+    "no-top-k": {"top_k": 0},
+    "penalties-generated": {"repetition_penalty": 1.2, "no_repeat_ngram": 10, "penalize_prompt": False},
+    "penalties-prompt": {"repetition_penalty": 1.2, "no_repeat_ngram": 10},
+    "k2": {"demos": 2},
+    "k8": {"demos": 8},
+    "beam-sample5": {"num_beams": 5, "do_sample": True},
+}
+
+
+def answer_step(names: list[str], seed: int) -> None:
+    seeds, helpful, evals = real_demo.load_assets()
+    evals = real_demo.eval_subset(evals, *real_demo.SUBSET)
+    pool = [{"question": r["question"], "answer": r["answer"]} for r in seeds + helpful]
+    base = dataclasses.replace(real_demo.REAL, seed=seed)
+    model = rundir.LazyModel(real_demo.ensure_model(), base.dtype).model
+    emb = embed.LMEmbedder(model, layers=base.lm_layers)  # the run's embedder (RunDir.embedder)
+    index = retrieval.PoolIndex.build(emb.embed([r["question"] for r in pool]), seed=seed)
+    harmful = np.array([r["label"] == "harmful" for r in evals])
+    for name in names:
+        over = dict(ANSWER_SETTINGS[name])
+        k = over.pop("demos", base.demos)
+        cfg = dataclasses.replace(base, demos=k, answer_gen=dataclasses.replace(base.answer_gen, **over))
+        t0 = time.time()
+        rows = isara.write_answers(model, [pool], [index], emb, evals, 1, cfg)
+        refused = np.array([is_refusal(r["answer"]) for r in rows])
+        print(f"{name:20s} K {k}  harmful compliance {1 - refused[harmful].mean():.3f}  benign refusal "
+              f"{refused[~harmful].mean():.3f}  ({time.time() - t0:.0f} s)", flush=True)
 
 
 EVALS = ("pretrained", "metrics.jsonl", "report.md", "report.png", "demo.json", "baselines/icl-knn",
@@ -94,6 +138,41 @@ def balanced(run_dir: str, seed: int, baselines: list[str]) -> None:
     print(json.dumps(real_demo.summary(out, 0, run_dir, None)))
 
 
+def frontier(run_dirs: list[str], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 7))
+    pre = []
+    for i, d in enumerate(run_dirs):
+        rows = fileio.read_jsonl(Path(d) / "metrics.jsonl")
+        pts = [(r["row"], r["compliance"], r["benign_refusal"]) for r in rows
+               if isinstance(r.get("compliance"), float) and isinstance(r.get("benign_refusal"), float)]
+        pre += [c for n, c, _ in pts if n == "pretrained"]
+        color = f"C{i % 10}"
+        for n, c, b in pts:
+            print(f"{Path(d).name:16s} {n:12s} compliance {c:.3f}  benign refusal {b:.3f}")
+            if n != "pretrained" or i == 0:
+                ax.scatter(c, b, color=color, s=30)
+                ax.annotate(n.replace("isara_", ""), (c, b), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.scatter([], [], color=color, label=Path(d).name)
+    if pre:
+        half = min(pre) / 2
+        ax.add_patch(plt.Rectangle((0, 0), half, 0.15, alpha=0.12, color="g", label="target region"))
+    ax.set_xlabel("harmful compliance (lower is better)")
+    ax.set_ylabel("benign refusal (lower is better)")
+    ax.set_xlim(-0.02, 1.0)
+    ax.set_ylim(-0.02, 0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    with fileio.atomic(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    print(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -108,8 +187,18 @@ def main() -> None:
     b.add_argument("run_dir")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--baselines", nargs="*", default=["sft"])
+    fr = sub.add_parser("frontier")
+    fr.add_argument("run_dirs", nargs="+")
+    fr.add_argument("--out", required=True)
+    an = sub.add_parser("answers")
+    an.add_argument("--settings", nargs="*", default=list(ANSWER_SETTINGS), choices=list(ANSWER_SETTINGS))
+    an.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    if a.cmd == "retrieval":
+    if a.cmd == "answers":
+        answer_step(a.settings, a.seed)
+    elif a.cmd == "frontier":
+        frontier(a.run_dirs, a.out)
+    elif a.cmd == "retrieval":
         helpful_neighbours()
     elif a.cmd == "full":
         full(a.run_dir, a.out_dir, a.seed, a.cache_dir, a.baselines)
