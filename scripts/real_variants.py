@@ -13,6 +13,11 @@
         the real demo with balanced seeds: 48 refusal seeds (category round-robin) + the 16 risky-sounding
         helpful + the 32 ordinary helpful seeds (assets/safety/ordinary_seeds.jsonl) = 96; REAL otherwise,
         SFT micro-batch 8 x 8 (the same effective batch as REAL's 16 x 4, half the activation memory)
+    python scripts/real_variants.py variant RUN_DIR [--seeds default|balanced] [--lr X] [--epochs E]
+            [--generate N] [--seed 0] [--baselines ...] [--reuse-from RUN]
+        REAL with SFT lr / epochs or N changed, on the default 80 seeds or the balanced 96; --reuse-from links
+        the stages of a finished run of the same seeds that the change cannot alter (the pretrained
+        evaluation, the seeds' index, and with only lr / epochs changed, iteration 1's generated data)
     python scripts/real_variants.py answers [--settings NAME...] [--seed 0]
         ISARA's answer step on the evaluation subset: each prompt answered by the base model with its K nearest
         seeds (the default 80, middle-layer retrieval) as demonstrations, under each sampling setting of
@@ -173,6 +178,40 @@ def frontier(run_dirs: list[str], out: str) -> None:
     print(out)
 
 
+GENERATED = ("questions.jsonl", "answers.jsonl", "filter.json", "kept.jsonl")
+
+
+def variant(run_dir: str, seeds: str, seed: int, baselines: list[str], lr: float | None, epochs: int | None,
+            generate: int | None, reuse_from: str | None) -> None:
+    cfg = dataclasses.replace(real_demo.REAL, iterations=2, seed=seed)
+    sft = dataclasses.replace(cfg.sft, lr=lr or cfg.sft.lr, epochs=epochs or cfg.sft.epochs)
+    cfg = dataclasses.replace(cfg, sft=sft, generate=generate or cfg.generate)
+    default, helpful, evals = real_demo.load_assets()
+    pool = balanced_seeds() if seeds == "balanced" else default + helpful
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in pool]
+    evals = real_demo.eval_subset(evals, *real_demo.SUBSET)
+    model = real_demo.ensure_model()
+    dst = Path(run_dir)
+    rundir.RunDir(dst, cfg, model, rows, evals, note={"demo": f"real-variant-{seeds}"})  # config.json first
+    if reuse_from:
+        src = Path(reuse_from)
+        if fileio.read_jsonl(src / "seeds.jsonl") != fileio.read_jsonl(dst / "seeds.jsonl"):
+            raise SystemExit(f"{src}: made with other seeds; nothing to reuse")
+        links = ["pretrained/eval.jsonl", "pretrained/metrics.json", "index/D_0.json", "index/D_0.npy"]
+        if generate is None:  # iteration 1's data does not depend on the SFT settings
+            links += [f"iter_1/{n}" for n in GENERATED]
+        for rel in links:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            if not (dst / rel).exists():
+                os.link(src / rel, dst / rel)
+    note = {"demo": f"real-variant-{seeds}"}
+    out = rundir.run(model, rows, dst, cfg, evals, RefusalScorer(), argv_note=note)
+    for kind in baselines:
+        out = rundir.baseline(kind, model, rows, dst, cfg, evals, RefusalScorer(), note=note)
+    for r in out:
+        print(f"{r['row']:12s} compliance {r['compliance']:.3f}  benign refusal {r['benign_refusal']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -190,11 +229,22 @@ def main() -> None:
     fr = sub.add_parser("frontier")
     fr.add_argument("run_dirs", nargs="+")
     fr.add_argument("--out", required=True)
+    v = sub.add_parser("variant")
+    v.add_argument("run_dir")
+    v.add_argument("--seeds", choices=["default", "balanced"], default="default")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--baselines", nargs="*", default=[])
+    v.add_argument("--lr", type=float)
+    v.add_argument("--epochs", type=int)
+    v.add_argument("--generate", type=int)
+    v.add_argument("--reuse-from")
     an = sub.add_parser("answers")
     an.add_argument("--settings", nargs="*", default=list(ANSWER_SETTINGS), choices=list(ANSWER_SETTINGS))
     an.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    if a.cmd == "answers":
+    if a.cmd == "variant":
+        variant(a.run_dir, a.seeds, a.seed, a.baselines, a.lr, a.epochs, a.generate, a.reuse_from)
+    elif a.cmd == "answers":
         answer_step(a.settings, a.seed)
     elif a.cmd == "frontier":
         frontier(a.run_dirs, a.out)
