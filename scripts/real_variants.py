@@ -22,7 +22,7 @@
         ISARA's answer step on the evaluation subset: each prompt answered by the base model with its K nearest
         seeds (the default 80, middle-layer retrieval) as demonstrations, under each sampling setting of
         ANSWER_SETTINGS, judged like the final models (compliance on harmful, refusal on benign prompts)
-    python scripts/real_variants.py frontier RUN_DIR... --out PNG
+    python scripts/real_variants.py frontier RUN_DIR[=LABEL]... --out PNG
         every model of the given runs (metrics.jsonl rows) as one point: harmful compliance against benign
         refusal, with the issue's target region (compliance <= half the pretrained rate, refusal <= 0.15);
         prints the points as a table
@@ -151,18 +151,20 @@ def frontier(run_dirs: list[str], out: str) -> None:
 
     fig, ax = plt.subplots(figsize=(12, 7))
     pre = []
-    for i, d in enumerate(run_dirs):
+    for i, arg in enumerate(run_dirs):
+        d, _, label = arg.partition("=")
+        label = label or Path(d).name
         rows = fileio.read_jsonl(Path(d) / "metrics.jsonl")
         pts = [(r["row"], r["compliance"], r["benign_refusal"]) for r in rows
                if isinstance(r.get("compliance"), float) and isinstance(r.get("benign_refusal"), float)]
         pre += [c for n, c, _ in pts if n == "pretrained"]
         color = f"C{i % 10}"
         for n, c, b in pts:
-            print(f"{Path(d).name:16s} {n:12s} compliance {c:.3f}  benign refusal {b:.3f}")
+            print(f"{label:24s} {n:12s} compliance {c:.3f}  benign refusal {b:.3f}")
             if n != "pretrained" or i == 0:
                 ax.scatter(c, b, color=color, s=30)
                 ax.annotate(n.replace("isara_", ""), (c, b), fontsize=8, xytext=(3, 3), textcoords="offset points")
-        ax.scatter([], [], color=color, label=Path(d).name)
+        ax.scatter([], [], color=color, label=label)
     if pre:
         half = min(pre) / 2
         ax.add_patch(plt.Rectangle((0, 0), half, 0.15, alpha=0.12, color="g", label="target region"))
