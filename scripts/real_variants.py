@@ -193,8 +193,8 @@ def variant(run_dir: str, seeds: str, seed: int, baselines: list[str], lr: float
     rows = [{"question": r["question"], "answer": r["answer"]} for r in pool]
     evals = real_demo.eval_subset(evals, *real_demo.SUBSET)
     model = real_demo.ensure_model()
-    dst = Path(run_dir)
-    rundir.RunDir(dst, cfg, model, rows, evals, note={"demo": f"real-variant-{seeds}"})  # config.json first
+    dst, note = Path(run_dir), {"demo": f"real-variant-{seeds}"}
+    rundir.RunDir(dst, cfg, model, rows, evals, note=note)  # config.json first: links go into a run directory
     if reuse_from:
         src = Path(reuse_from)
         if fileio.read_jsonl(src / "seeds.jsonl") != fileio.read_jsonl(dst / "seeds.jsonl"):
@@ -206,7 +206,6 @@ def variant(run_dir: str, seeds: str, seed: int, baselines: list[str], lr: float
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             if not (dst / rel).exists():
                 os.link(src / rel, dst / rel)
-    note = {"demo": f"real-variant-{seeds}"}
     out = rundir.run(model, rows, dst, cfg, evals, RefusalScorer(), argv_note=note)
     for kind in baselines:
         out = rundir.baseline(kind, model, rows, dst, cfg, evals, RefusalScorer(), note=note)
