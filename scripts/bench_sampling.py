@@ -13,6 +13,10 @@ Reported:
     each right after a matmul measurement (best of 2), and the median chunk ratio is reported, so both sides
     of the ratio see the same machine load. roofline_frac_cpu: the same with FLOPs per CPU-second on both
     sides (insensitive to other processes on a shared machine).
+  matmul_only_frac: the decode's weight matmuls alone (every layer's q, k, v, o, gate, up, down and the LM
+    head on the same [in, out] weights at batch 32; no attention, norms or token choice): their FLOPs (2 x
+    matmul params per token) / time / matmul peak, timed the same interleaved way. The ceiling XLA:CPU's
+    small-batch matmuls put on roofline_frac; decode_vs_matmul_only = roofline_frac / matmul_only_frac.
   cpu_util: process CPU time / wall time while running (how many cores the side actually used).
 Workload (issue 14), shaped like an ISARA stage: `--workload-prompts` (256) random prompts of 300-1500 tokens,
 per-prompt new-token limits from a long-tailed mix (lognormal, mean ~40, max 200, fixed seed), EOS ignored so
@@ -81,13 +85,38 @@ def matmul_rate(n: int = 2048, reps: int = 2) -> tuple[float, float]:
     return best, best_cpu
 
 
+def matmul_params(cfg) -> int:
+    """Weights a decode step multiplies each token by: every layer's projections and the LM head."""
+    D, H, N, K, F, V = cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate, cfg.vocab_size
+    return cfg.n_layers * (D * N * H * 2 + 2 * D * K * H + 3 * D * F) + V * D
+
+
 def decode_flops(cfg, batch: int, prompt: int, first: int, last: int) -> float:
     """FLOPs of decode steps first..last-1 (step s feeds the token at position prompt - 1 + s, the last prompt
     token at s = 0, whose query sees prompt + s keys): per token 2 x matmul params + 4 x N x H x keys per layer."""
-    D, H, N, K, F, V = cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate, cfg.vocab_size
-    per_layer = D * N * H * 2 + 2 * D * K * H + 3 * D * F
-    mm = cfg.n_layers * per_layer + V * D
-    return float(sum(batch * (2 * mm + cfg.n_layers * 4 * N * H * (prompt + s)) for s in range(first, last)))
+    mm, NH = matmul_params(cfg), cfg.n_heads * cfg.head_dim
+    return float(sum(batch * (2 * mm + cfg.n_layers * 4 * NH * (prompt + s)) for s in range(first, last)))
+
+
+def matmul_only_loop(p_dec, B: int):
+    """jitted f(x_BxD, n): n steps of the decode's weight matmuls alone (Llama layout, InOut weights)."""
+    import jax
+    import jax.numpy as jnp
+
+    Ws = [(lp.q.w, lp.k.w, lp.v.w, lp.o.w, lp.gate.w, lp.up.w, lp.down.w) for lp in p_dec.layers]
+
+    @jax.jit
+    def f(Ws, head, x_BxD, n):
+        def body(_, x):
+            for q, k, v, o, g, u, d in Ws:
+                x = x + (x @ q) @ o + 1e-6 * ((x @ k).sum(-1, keepdims=True) + (x @ v).sum(-1, keepdims=True))
+                x = x + (jax.nn.silu(x @ g) * (x @ u)) @ d
+            return x + 1e-6 * (x @ head)[:, :x.shape[1]]
+        return jax.lax.fori_loop(0, n, body, x_BxD)
+
+    x = jnp.full((B, p_dec.layers[0].q.w.shape[0]), 0.01, jnp.float32)
+    f(Ws, p_dec.lm_head.w, x, 1).block_until_ready()
+    return lambda n: f(Ws, p_dec.lm_head.w, x, n).block_until_ready()
 
 
 def main():
@@ -149,6 +178,7 @@ def main():
     padded = np.zeros((BATCH, Tp + 1), np.int32)
     padded[:, Tp + 1 - PROMPT:] = prompts
     fr, fr_cpu, dec_s, dec_cpu, pre_s, peak = [], [], 0.0, 0.0, [], 0.0
+    mm_only, fr_mm = matmul_only_loop(p_dec, BATCH), []
     for _ in range(args.reps):
         cache = M.init_cache(cfg, BATCH, Tp + Tn)
         st, t_pre, _ = timed(lambda: jax.block_until_ready(S._prefill(
@@ -164,21 +194,25 @@ def main():
             fl = decode_flops(cfg, BATCH, PROMPT, step, until)
             fr.append(fl / wall / mm)
             fr_cpu.append(fl / (wall * util) / mm_cpu)
+            _, wall_mm, _ = timed(lambda: mm_only(until - step))
+            fr_mm.append(2 * matmul_params(cfg) * BATCH * (until - step) / wall_mm / mm)
             dec_s += wall / args.reps
             dec_cpu += wall * util / args.reps
             step = until
         assert int(st.step) == NEW
     dflops = decode_flops(cfg, BATCH, PROMPT, 0, NEW)
-    roof, roof_cpu = float(np.median(fr)), float(np.median(fr_cpu))
+    roof, roof_cpu, roof_mm = float(np.median(fr)), float(np.median(fr_cpu)), float(np.median(fr_mm))
     pre_best = min(pre_s)
     ours_dec_tok_s = BATCH * NEW / dec_s
     print(f"ours: prefill {pre_best:.2f}s, decode {dec_s:.2f}s ({dec_s / NEW * 1e3:.1f} ms/step, "
           f"{ours_dec_tok_s:.0f} tok/s, {dflops / dec_s / 1e9:.1f} GFLOP/s, cpu util {dec_cpu / dec_s:.2f}); "
           f"jitted fp32 2048^3 matmul up to {peak / 1e9:.1f} GFLOP/s; roofline fraction (median over "
-          f"{len(fr)} interleaved chunks) {roof:.2f}, per CPU-second {roof_cpu:.2f}")
+          f"{len(fr)} interleaved chunks) {roof:.2f}, per CPU-second {roof_cpu:.2f}; the decode's weight matmuls "
+          f"alone {roof_mm:.2f} (decode / matmuls alone {roof / roof_mm:.2f})")
 
     out = dict(ours_tok_s=round(n_new / ours_s, 1), ref_tok_s=None, ratio=None, roofline_frac=round(roof, 3),
-               roofline_frac_cpu=round(roof_cpu, 3),
+               roofline_frac_cpu=round(roof_cpu, 3), matmul_only_frac=round(roof_mm, 3),
+               decode_vs_matmul_only=round(roof / roof_mm, 3),
                ours_decode_tok_s=round(ours_dec_tok_s, 1), ref_decode_tok_s=None, decode_ratio=None,
                compile_s=round(compile_s, 2), ours_s=round(ours_s, 2), ours_prefill_s=round(pre_best, 2),
                ours_decode_s=round(dec_s, 2), decode_gflops=round(dflops / dec_s / 1e9, 1),

@@ -14,10 +14,11 @@
         helpful + the 32 ordinary helpful seeds (assets/safety/ordinary_seeds.jsonl) = 96; REAL otherwise,
         SFT micro-batch 8 x 8 (the same effective batch as REAL's 16 x 4, half the activation memory)
     python scripts/real_variants.py variant RUN_DIR [--seeds default|balanced] [--lr X] [--epochs E]
-            [--generate N] [--seed 0] [--baselines ...] [--reuse-from RUN]
-        REAL with SFT lr / epochs or N changed, on the default 80 seeds or the balanced 96; --reuse-from links
-        the stages of a finished run of the same seeds that the change cannot alter (the pretrained
-        evaluation, the seeds' index, and with only lr / epochs changed, iteration 1's generated data)
+            [--generate N] [--answers SETTING] [--seed 0] [--baselines ...] [--reuse-from RUN]
+        REAL with SFT lr / epochs, N or the answer step's sampling (an ANSWER_SETTINGS entry) changed, on the
+        default 80 seeds or the balanced 96; --reuse-from links the stages of a finished run of the same seeds
+        that the change cannot alter (the pretrained evaluation, the seeds' index, and unless N changed,
+        iteration 1's questions, with its answers and filter too when only lr / epochs changed)
     python scripts/real_variants.py answers [--settings NAME...] [--seed 0]
         ISARA's answer step on the evaluation subset: each prompt answered by the base model with its K nearest
         seeds (the default 80, middle-layer retrieval) as demonstrations, under each sampling setting of
@@ -184,10 +185,12 @@ GENERATED = ("questions.jsonl", "answers.jsonl", "filter.json", "kept.jsonl")
 
 
 def variant(run_dir: str, seeds: str, seed: int, baselines: list[str], lr: float | None, epochs: int | None,
-            generate: int | None, reuse_from: str | None) -> None:
+            generate: int | None, reuse_from: str | None, answers: str = "real") -> None:
     cfg = dataclasses.replace(real_demo.REAL, iterations=2, seed=seed)
     sft = dataclasses.replace(cfg.sft, lr=lr or cfg.sft.lr, epochs=epochs or cfg.sft.epochs)
-    cfg = dataclasses.replace(cfg, sft=sft, generate=generate or cfg.generate)
+    over = dict(ANSWER_SETTINGS[answers])
+    cfg = dataclasses.replace(cfg, sft=sft, generate=generate or cfg.generate, demos=over.pop("demos", cfg.demos),
+                              answer_gen=dataclasses.replace(cfg.answer_gen, **over))
     default, helpful, evals = real_demo.load_assets()
     pool = balanced_seeds() if seeds == "balanced" else default + helpful
     rows = [{"question": r["question"], "answer": r["answer"]} for r in pool]
@@ -200,8 +203,8 @@ def variant(run_dir: str, seeds: str, seed: int, baselines: list[str], lr: float
         if fileio.read_jsonl(src / "seeds.jsonl") != fileio.read_jsonl(dst / "seeds.jsonl"):
             raise SystemExit(f"{src}: made with other seeds; nothing to reuse")
         links = ["pretrained/eval.jsonl", "pretrained/metrics.json", "index/D_0.json", "index/D_0.npy"]
-        if generate is None:  # iteration 1's data does not depend on the SFT settings
-            links += [f"iter_1/{n}" for n in GENERATED]
+        if generate is None:  # iteration 1's questions depend on neither the SFT nor the answer settings
+            links += [f"iter_1/{n}" for n in (GENERATED if answers == "real" else GENERATED[:1])]
         for rel in links:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             if not (dst / rel).exists():
@@ -239,12 +242,14 @@ def main() -> None:
     v.add_argument("--epochs", type=int)
     v.add_argument("--generate", type=int)
     v.add_argument("--reuse-from")
+    v.add_argument("--answers", choices=list(ANSWER_SETTINGS), default="real",
+                   help="the answer step's sampling (an ANSWER_SETTINGS entry)")
     an = sub.add_parser("answers")
     an.add_argument("--settings", nargs="*", default=list(ANSWER_SETTINGS), choices=list(ANSWER_SETTINGS))
     an.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "variant":
-        variant(a.run_dir, a.seeds, a.seed, a.baselines, a.lr, a.epochs, a.generate, a.reuse_from)
+        variant(a.run_dir, a.seeds, a.seed, a.baselines, a.lr, a.epochs, a.generate, a.reuse_from, a.answers)
     elif a.cmd == "answers":
         answer_step(a.settings, a.seed)
     elif a.cmd == "frontier":
