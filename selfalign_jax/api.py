@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 
 from selfalign_jax import beam, checkpoint, fileio, gguf_import, isara, rundir, train
 from selfalign_jax import config as settings
@@ -58,11 +57,6 @@ def start(distributed: bool = False) -> None:
     MS.initialize_distributed(True if distributed else None)
 
 
-def is_writer() -> bool:
-    """Process 0 writes files (every process when single-process)."""
-    return jax.process_index() == 0
-
-
 def models_cache(out) -> Path:
     """Where a .gguf model given for `out` is converted: `<out>.models` beside it."""
     out = Path(out)
@@ -79,9 +73,9 @@ def hf_model(model, cache: Path) -> Path:
         return dest
     dtype = MS.compute_dtype("auto")
     print(f"converting {model} to {dest} ({dtype}, once)", flush=True)
-    if is_writer():
+    if MS.is_writer():
         gguf_import.convert(model, dest, dtype=dtype, overwrite=True, progress=True)
-    _barrier("gguf")
+    MS.barrier("gguf")
     return dest
 
 
@@ -89,11 +83,6 @@ def check_model(model: Path) -> None:
     """A missing or wrong --model directory is named before any other work (a .gguf is read when converted)."""
     if not (model.suffix.lower() == ".gguf" or model.is_file()):
         checkpoint.read_config(model)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _at_least(**flags) -> None:
@@ -288,7 +277,7 @@ def generate(model, prompts, out, max_new_tokens: int = 128, temperature: float 
                             exponential_decay_length_penalty=exponential_decay_length_penalty, **extra)
     dt = time.perf_counter() - t0
     done = [{**row, "completion": r.text} for row, r in zip(rows, res)]
-    if is_writer():
+    if MS.is_writer():
         fileio.write_jsonl(out, done)
     n_tok = sum(len(r.token_ids) for r in res)
     reasons = Counter(r.finish_reason for r in res)
@@ -322,7 +311,7 @@ def finetune(model, data, out, template: str = "plain", checkpoint_dir=None, res
     tok = checkpoint.load_tokenizer(model)
     check_fits(model, tcfg.mesh, hbm_gib, ts=_train_settings(tcfg, tcfg.dtype))
     mesh_obj = MS.make_mesh(tcfg.mesh)
-    if is_writer():
+    if MS.is_writer():
         shape = ", ".join(f"{k}={v}" for k, v in mesh_obj.shape.items())
         kind = f"LoRA rank {tcfg.lora_rank}" if tcfg.lora_rank else "full"
         print(f"finetune {model} on {len(pairs)} pairs from {data}: mesh {shape}, effective batch "
@@ -330,7 +319,7 @@ def finetune(model, data, out, template: str = "plain", checkpoint_dir=None, res
     tmpl = Template(kind=template, tokenizer=tok if template == "chat" else None)
     train.finetune(model, pairs, tok, out, tcfg, tmpl, checkpoint_dir=checkpoint_dir, resume=resume, mesh=mesh_obj,
                    export_dtype=None if export_dtype == "auto" else export_dtype, overwrite=overwrite)
-    if is_writer():
+    if MS.is_writer():
         print(f"wrote {out}")
     return out
 
@@ -354,7 +343,7 @@ def evaluate(model, data, scorer: str, out=None, max_new_tokens: int = 200, temp
     cfg = IsaraConfig(eval_max_new_tokens=max_new_tokens, template=template, batch_size=batch_size, seed=seed,
                       mesh=mesh)
     items, metrics = isara.evaluate(m, rows, sc, cfg)
-    if out is not None and is_writer():
+    if out is not None and MS.is_writer():
         fileio.write_jsonl(out, items)
         fileio.write_json(Path(str(out) + ".metrics.json"), metrics)
     for k, v in metrics.items():

@@ -28,7 +28,7 @@ import numpy as np
 from selfalign_jax import beam, filters, train
 from selfalign_jax.config import GenConfig, IsaraConfig
 from selfalign_jax.loaded import LoadedModel
-from selfalign_jax.mesh import make_mesh
+from selfalign_jax.mesh import make_mesh, writer_only
 from selfalign_jax.template import MARKERS, Template, cut
 
 STAGES = {"questions": 1, "answers": 2, "filter": 3, "sft": 4, "eval": 5, "icl": 6}
@@ -170,7 +170,7 @@ def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: Is
     trained = train.finetune(model, [(p["question"], p["answer"]) for p in pairs], out_dir=out_dir, train_cfg=tcfg,
                              template=Template(cfg.template, model.tokenizer), checkpoint_dir=ckpt, base_config=base)
     if ckpt.is_dir():
-        shutil.rmtree(ckpt)
+        writer_only("sft_ckpt", lambda: shutil.rmtree(ckpt))
     return trained
 
 

@@ -12,6 +12,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from selfalign_jax.errors import UserError
@@ -104,6 +105,26 @@ def put(arr: np.ndarray, sharding: NamedSharding) -> jax.Array:
     slices its own devices need (multi-host safe)."""
     arr = np.asarray(arr)
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
+def is_writer() -> bool:
+    """Process 0 writes files (every process when single-process); paths name the same files on every host."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here for the others (a no-op with one process): after process 0 wrote what they read."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def writer_only(name: str, fn) -> None:
+    """fn() (a change to shared files) on process 0 only, between two barriers: every process has read the
+    state it decided on before the change, and sees the change after it."""
+    barrier(f"selfalign_{name}_read")
+    if is_writer():
+        fn()  # (when it raises, process 0 stops and the others fail at the next barrier: the heartbeat)
+    barrier(f"selfalign_{name}_done")
 
 
 def initialize_distributed(enabled: bool | None = None) -> None:

@@ -30,7 +30,7 @@ from selfalign_jax.config import RESULT_NEUTRAL, GenConfig, IsaraConfig, Setting
 from selfalign_jax.errors import UserError
 from selfalign_jax.isara import log
 from selfalign_jax.loaded import LoadedModel
-from selfalign_jax.mesh import make_mesh
+from selfalign_jax.mesh import make_mesh, writer_only
 
 ROW_ORDER = ["pretrained", "sft", "icl-knn", "icl-random", "one-round"]
 # an iteration's outputs in the order they are made (redoing one redoes those after it)
@@ -220,17 +220,20 @@ class RunDir:
                 self._supersede()
                 on_disk = None
         if on_disk != ident:  # a finished run on a read-only filesystem is reported without writing
-            fileio.write_json(p, ident)
+            writer_only("config", lambda: fileio.write_json(p, ident))
         if not (self.root / "seeds.jsonl").is_file():
-            fileio.write_jsonl(self.root / "seeds.jsonl", self.seeds)
+            writer_only("seeds", lambda: fileio.write_jsonl(self.root / "seeds.jsonl", self.seeds))
 
     def _supersede(self):
         n = 1 + len(list(self.root.glob("superseded-*")))
         dst = self.root / f"superseded-{n}"
-        dst.mkdir()
-        for p in list(self.root.iterdir()):
-            if not p.name.startswith("superseded-") and p.name != ".lock":
-                shutil.move(str(p), dst / p.name)
+
+        def move():
+            dst.mkdir()
+            for p in list(self.root.iterdir()):
+                if not p.name.startswith("superseded-") and p.name != ".lock":
+                    shutil.move(str(p), dst / p.name)
+        writer_only("supersede", move)
         log(f"config changed: previous results moved to {dst}")
 
     # ------------------------------------------------------------------------- models, indexes
@@ -248,8 +251,8 @@ class RunDir:
         """Pool set D_j's index (built once, saved under index/D_j, reloaded memory-mapped)."""
         d, name = self.root / "index", f"D_{j}"
         if not (d / f"{name}.json").is_file():
-            vecs = embedder.embed([p["question"] for p in pool])
-            retrieval.PoolIndex.build(vecs, seed=self.cfg.seed).save(d, name)
+            vecs = embedder.embed([p["question"] for p in pool])  # (every process: a sharded embedder)
+            writer_only("index", lambda: retrieval.PoolIndex.build(vecs, seed=self.cfg.seed).save(d, name))
         return retrieval.PoolIndex.load(d, name)
 
     # ---------------------------------------------------------------------------------- stages
@@ -261,12 +264,15 @@ class RunDir:
         stages of its iteration)."""
         log(f"{path.relative_to(self.root)}: {why}; redoing it")
         later = STAGE_FILES[STAGE_FILES.index(path.name):] if path.name in STAGE_FILES else [path.name]
-        for name in later:
-            q = path.parent / name
-            if q.is_dir() and not q.is_symlink():
-                shutil.rmtree(q)
-            elif q.exists():
-                q.unlink()
+
+        def remove():
+            for name in later:
+                q = path.parent / name
+                if q.is_dir() and not q.is_symlink():
+                    shutil.rmtree(q)
+                elif q.exists():
+                    q.unlink()
+        writer_only("redo", remove)
 
     def _reusable_rows(self, path: Path, nonempty: bool = True) -> list[dict] | None:
         """The rows of a finished JSONL stage output, or None (absent, or unusable and removed)."""
@@ -302,7 +308,7 @@ class RunDir:
             return rows
         t0 = time.time()
         rows = fn()
-        fileio.write_jsonl(path, rows)
+        writer_only("stage", lambda: fileio.write_jsonl(path, rows))
         log(f"{path.relative_to(self.root)}: {len(rows)} rows in {time.time() - t0:.1f}s")
         return rows
 
@@ -315,8 +321,11 @@ class RunDir:
             self._redo(it / "filter.json", f"does not match kept.jsonl ({f.get('kept')} kept)")
         kept, drops = fn()
         n = len(fileio.read_jsonl(it / "answers.jsonl"))
-        fileio.write_json(it / "filter.json", {"candidates": n, "kept": len(kept), "dropped": drops})
-        fileio.write_jsonl(it / "kept.jsonl", kept)
+
+        def write():
+            fileio.write_json(it / "filter.json", {"candidates": n, "kept": len(kept), "dropped": drops})
+            fileio.write_jsonl(it / "kept.jsonl", kept)
+        writer_only("filter", write)
         log(f"{it.name}: kept {len(kept)} of {n} (dropped: "
             + (", ".join(f"{k} {v}" for k, v in drops.items() if v) or "none") + ")")
         return kept
@@ -352,10 +361,13 @@ class RunDir:
             return m
         t0 = time.time()
         rows, metrics = isara.evaluate(model.model, self.eval_set, scorer, self.cfg, demos_for)
-        fileio.write_jsonl(d / "eval.jsonl", rows)
         out = {"row": row, "iteration": iteration, **({"made_for": {"rounds": rounds}} if rounds is not None else {}),
                **metrics}
-        fileio.write_json(d / "metrics.json", out)
+
+        def write():
+            fileio.write_jsonl(d / "eval.jsonl", rows)
+            fileio.write_json(d / "metrics.json", out)
+        writer_only("eval", write)
         log(f"{name}: evaluated in {time.time() - t0:.1f}s: "
                   + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         return out
@@ -366,8 +378,7 @@ class RunDir:
         m = self.root / "metrics.jsonl"
         done = m.is_file() and (self.root / "report.md").is_file() and json.loads(json.dumps(rows)) == _rows(m)
         if not done:  # nothing new: a finished run is reported without writing (read-only filesystems)
-            fileio.write_jsonl(m, rows)
-            report.write(self.root, rows)
+            writer_only("report", lambda: (fileio.write_jsonl(m, rows), report.write(self.root, rows)))
         return rows
 
 
@@ -393,15 +404,19 @@ def check_run_dir(root) -> None:
 
 
 def open_run_dir(root: Path) -> None:
-    """Check, create and lock a run directory (for the life of the process)."""
+    """Check, create and lock a run directory (for the life of the process). With several processes,
+    process 0 creates, locks and writes it (`writer_only`); the others read what it wrote."""
     check_run_dir(root)
-    try:
-        if not root.is_dir():
-            root.mkdir(parents=True)
-    except OSError as e:
-        raise fileio.disk_error(e, root) or UserError(f"--run-dir: cannot create {root} ({e.strerror})") from None
-    runlock.acquire(root)
-    fileio.remove_stale_temps(root)  # a killed run's half-written outputs
+
+    def create():
+        try:
+            if not root.is_dir():
+                root.mkdir(parents=True)
+        except OSError as e:
+            raise fileio.disk_error(e, root) or UserError(f"--run-dir: cannot create {root} ({e.strerror})") from None
+        runlock.acquire(root)
+        fileio.remove_stale_temps(root)  # a killed run's half-written outputs
+    writer_only("open_run_dir", create)
 
 
 def read_run_config(p: Path) -> dict:
@@ -474,8 +489,8 @@ def baseline(kind: str, model_dir, seeds, run_dir, cfg, eval_set, scorer, force=
         if not done.is_file() or json.loads(done.read_text()).get("made_for", {}).get("generate") != one.generate:
             # (a run extended to more iterations needs a new one-round run of T x N samples)
             rows = run(model_dir, seeds, sub, one, eval_set, scorer, force or done.is_file(), eval_pretrained=False)
-            fileio.write_json(done, {**rows[-1], "row": "one-round", "iteration": None,
-                                    "made_for": {"generate": one.generate}})
+            writer_only("one_round", lambda: fileio.write_json(done, {
+                **rows[-1], "row": "one-round", "iteration": None, "made_for": {"generate": one.generate}}))
     else:
         raise UserError(f"--kind: unknown baseline {kind!r}")
     return rd.finish()

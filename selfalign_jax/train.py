@@ -449,10 +449,6 @@ def _read_meta(mngr, step: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ loop
-def _is_main() -> bool:
-    return jax.process_index() == 0
-
-
 def _finite(x) -> bool:
     return bool(np.isfinite(x))
 
@@ -492,7 +488,7 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
         start = int(meta["step"])
         if trainer.lora:
             frozen = trainer.freeze(get_params(), owned=params is None)
-        if _is_main():
+        if meshlib.is_writer():
             print(f"resumed from {checkpoint_dir} at step {start}/{total} "
                   f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", file=sys.stderr)
     else:
@@ -513,7 +509,7 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
                           tcfg.bucket, pack=tcfg.packing and tcfg.loss_norm == "token")
 
     bar = None
-    if progress and _is_main():
+    if progress and meshlib.is_writer():
         bar = tqdm(total=total, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
     history: list[dict] = []
     pending: list = []
@@ -587,13 +583,13 @@ def export(out_dir, cfg: M.Config, params: M.Params, tokenizer_from=None, dtype:
         return checkpoint.save(out_dir, cfg, params, tokenizer_from=tokenizer_from, dtype=dtype,
                                base_config=base_config, overwrite=overwrite)
     wrapped = jax.tree.map(_Gathered, params)
-    if _is_main():
+    if meshlib.is_writer():
         checkpoint.save(out_dir, cfg, wrapped, tokenizer_from=tokenizer_from, dtype=dtype, base_config=base_config,
                overwrite=overwrite)
     else:
         for x in jax.tree.leaves(wrapped):
             np.asarray(x)
-    multihost_utils.sync_global_devices("selfalign_export")
+    meshlib.barrier("selfalign_export")
     return Path(out_dir)
 
 
@@ -634,7 +630,7 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
     if template.kind == "chat" and template.tokenizer is None:
         template = dataclasses.replace(template, tokenizer=tokenizer)
     enc = encode_pairs(pairs, tokenizer, template, train_cfg.max_length, cfg=cfg)
-    if log and _is_main():
+    if log and meshlib.is_writer():
         lens = enc.lengths
         msg = (f"{len(enc)} examples, {int(sum(t[1:].sum() for t in enc.loss_mask))} answer tokens, inputs "
                f"{int(lens.min()) if len(lens) else 0}-{int(lens.max()) if len(lens) else 0} tokens")
@@ -656,7 +652,7 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
         dt = export_dtype or _export_dtype(base_config, "float32")
         export(out_dir, cfg, final, tokenizer_from=model_dir if model_dir is not None else tokenizer, dtype=dt,
                base_config=base_config, overwrite=overwrite)
-        if _is_main():
+        if meshlib.is_writer():
             summary = {"train_config": dataclasses.asdict(train_cfg), "examples": len(enc),
                        "truncated": enc.truncated, "dropped": enc.dropped, "steps": trainer.total_steps,
                        "mesh": dict(trainer.mesh.shape), "history": history}

@@ -1,8 +1,8 @@
 """Several hosts on one machine: 2 processes x 4 CPU devices (gloo collectives, coordinator on localhost)
-run `selfalign finetune` and a sharded `selfalign generate` with JAX_COORDINATOR_ADDRESS /
+run `selfalign finetune`, a sharded `selfalign generate` and `selfalign run` with JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID, and must equal one process with 8 devices; only process 0 writes
-(each process runs in its own directory with relative --out); killing one process fails the other
-within the heartbeat timeout instead of hanging."""
+(each process runs in its own directory with relative --out; `run` shares one --run-dir, a shared disk);
+killing one process fails the other within the heartbeat timeout instead of hanging."""
 
 import json
 import os
@@ -149,3 +149,37 @@ def test_killed_process_fails_the_other_instead_of_hanging(setup):
                                                                             "coordination", "connection"))]
     print(f"process 0 failed {waited:.1f}s after process 1 was killed:\n" + "\n".join(why[:5]))
     assert why, out[-2000:]
+
+
+RUN_CFG = {"iterations": 1, "generate": 4, "demos": 2, "context_budget": 200, "embedder": "hashing",
+           "batch_size": 8, "question_gen": {"max_new_tokens": 8}, "answer_gen": {"max_new_tokens": 8},
+           "sft": {"lr": 1e-3, "batch_size": 8, "grad_accum": 1, "max_length": 32, "epochs": 1, "dtype": "float32"},
+           "min_words": 1}
+
+
+def test_two_processes_share_one_run_directory(setup):
+    """`selfalign run --distributed` with one run directory on a shared disk (as the README asks): process 0
+    creates, locks and writes it, process 1 reads what it wrote; the same stages and files as one process."""
+    d = setup
+    (d / "run.json").write_text(json.dumps(RUN_CFG))
+    args = lambda rd: ("run", "--model", d / "base", "--seeds", d / "train.jsonl", "--run-dir", rd,  # noqa: E731
+                       "--config", d / "run.json", "--mesh", MESH)
+    one = d / "run-one"
+    r = subprocess.run(cli(*args(one)), cwd=d, env=env(8), capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    cwds = [d / "r0", d / "r1"]
+    for c in cwds:
+        c.mkdir()
+    two = d / "run-two"
+    outs = run_two(cli(*args(two)), cwds, free_port())
+    assert "in use by another" not in outs[1]
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert files(two) == files(one) and (two / "iter_1" / "model" / "config.json").is_file()
+    for name in ("seeds.jsonl", "iter_1/questions.jsonl", "iter_1/answers.jsonl", "iter_1/kept.jsonl"):
+        assert (two / name).read_text() == (one / name).read_text(), name
+    assert not any(p.name.startswith(".") and p.name != ".lock" for p in two.rglob("*")), "a temp was left"
+    # resumed by two processes: every stage is reused, nothing is rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in two.rglob("*.jsonl")}
+    outs = run_two(cli(*args(two)), cwds, free_port())
+    assert "done, reusing" in outs[0] and "done, reusing" in outs[1]
+    assert {p: p.stat().st_mtime_ns for p in two.rglob("*.jsonl")} == mtimes
