@@ -84,6 +84,10 @@ ANSWER_SETTINGS = {
     "k2": {"demos": 2},
     "k8": {"demos": 8},
     "beam-sample5": {"num_beams": 5, "do_sample": True},
+    # the paper's answer decoding (configs/paper.json) with its penalties over the generated tokens only
+    "paper-beam-generated": {"num_beams": 5, "do_sample": True, "temperature": 1.0, "repetition_penalty": 1.2,
+                             "no_repeat_ngram": 10, "exponential_decay_length_penalty": (30, 1.05),
+                             "penalize_prompt": False},
 }
 
 
