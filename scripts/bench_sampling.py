@@ -178,7 +178,7 @@ def main():
     padded = np.zeros((BATCH, Tp + 1), np.int32)
     padded[:, Tp + 1 - PROMPT:] = prompts
     fr, fr_cpu, dec_s, dec_cpu, pre_s, peak = [], [], 0.0, 0.0, [], 0.0
-    mm_only, fr_mm = matmul_only_loop(p_dec, BATCH), []
+    mm_only, fr_mm, mm_step_flops = matmul_only_loop(p_dec, BATCH), [], 2 * matmul_params(cfg) * BATCH
     for _ in range(args.reps):
         cache = M.init_cache(cfg, BATCH, Tp + Tn)
         st, t_pre, _ = timed(lambda: jax.block_until_ready(S._prefill(
@@ -195,7 +195,7 @@ def main():
             fr.append(fl / wall / mm)
             fr_cpu.append(fl / (wall * util) / mm_cpu)
             _, wall_mm, _ = timed(lambda: mm_only(until - step))
-            fr_mm.append(2 * matmul_params(cfg) * BATCH * (until - step) / wall_mm / mm)
+            fr_mm.append(mm_step_flops * (until - step) / wall_mm / mm)
             dec_s += wall / args.reps
             dec_cpu += wall * util / args.reps
             step = until

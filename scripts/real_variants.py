@@ -91,6 +91,13 @@ ANSWER_SETTINGS = {
 }
 
 
+def with_answers(cfg, name: str):
+    """cfg with the answer step's sampling set to ANSWER_SETTINGS[name] (its "demos" entry sets K)."""
+    over = dict(ANSWER_SETTINGS[name])
+    return dataclasses.replace(cfg, demos=over.pop("demos", cfg.demos),
+                               answer_gen=dataclasses.replace(cfg.answer_gen, **over))
+
+
 def answer_step(names: list[str], seed: int) -> None:
     seeds, helpful, evals = real_demo.load_assets()
     evals = real_demo.eval_subset(evals, *real_demo.SUBSET)
@@ -101,9 +108,8 @@ def answer_step(names: list[str], seed: int) -> None:
     index = retrieval.PoolIndex.build(emb.embed([r["question"] for r in pool]), seed=seed)
     harmful = np.array([r["label"] == "harmful" for r in evals])
     for name in names:
-        over = dict(ANSWER_SETTINGS[name])
-        k = over.pop("demos", base.demos)
-        cfg = dataclasses.replace(base, demos=k, answer_gen=dataclasses.replace(base.answer_gen, **over))
+        cfg = with_answers(base, name)
+        k = cfg.demos
         t0 = time.time()
         rows = isara.write_answers(model, [pool], [index], emb, evals, 1, cfg)
         refused = np.array([is_refusal(r["answer"]) for r in rows])
@@ -192,9 +198,7 @@ def variant(run_dir: str, seeds: str, seed: int, baselines: list[str], lr: float
             generate: int | None, reuse_from: str | None, answers: str = "real") -> None:
     cfg = dataclasses.replace(real_demo.REAL, iterations=2, seed=seed)
     sft = dataclasses.replace(cfg.sft, lr=lr or cfg.sft.lr, epochs=epochs or cfg.sft.epochs)
-    over = dict(ANSWER_SETTINGS[answers])
-    cfg = dataclasses.replace(cfg, sft=sft, generate=generate or cfg.generate, demos=over.pop("demos", cfg.demos),
-                              answer_gen=dataclasses.replace(cfg.answer_gen, **over))
+    cfg = with_answers(dataclasses.replace(cfg, sft=sft, generate=generate or cfg.generate), answers)
     default, helpful, evals = real_demo.load_assets()
     pool = balanced_seeds() if seeds == "balanced" else default + helpful
     rows = [{"question": r["question"], "answer": r["answer"]} for r in pool]

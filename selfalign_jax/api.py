@@ -73,9 +73,7 @@ def hf_model(model, cache: Path) -> Path:
         return dest
     dtype = MS.compute_dtype("auto")
     print(f"converting {model} to {dest} ({dtype}, once)", flush=True)
-    if MS.is_writer():
-        gguf_import.convert(model, dest, dtype=dtype, overwrite=True, progress=True)
-    MS.barrier("gguf")
+    MS.writer_only("gguf", lambda: gguf_import.convert(model, dest, dtype=dtype, overwrite=True, progress=True))
     return dest
 
 
