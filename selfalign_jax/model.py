@@ -352,7 +352,9 @@ def rope(cfg: Config, x_BxTxNxH, pos_BxT, i: int | None = None):
 @dataclasses.dataclass
 class Cache:
     """KV cache: per-layer keys/values in slots [0, S); `pos_BxS` is -1 for empty or padded slots;
-    the next call writes its T tokens at slots [end, end + T).
+    the next call writes its T tokens at slots [end, end + T). A call with T > 1 (a prefill chunk)
+    attends to slots [0, end + T) only: prefills fill a cache from slot 0 up (only single-token decode
+    steps may run a ring over all S slots).
 
     Layouts: keys [B, K, H, S], values [B, K, S, H] (kv heads before slots, keys transposed): per (row,
     kv head) the scores are q[G*T, H] @ k[H, S] and the output p[G*T, S] @ v[S, H], two plain matmuls
@@ -435,6 +437,42 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
     return jnp.concatenate(outs, axis=3)
 
 
+KEY_BLOCK = 128
+
+
+def _prefix_attention(cfg: Config, i: int, q_BxKxQxH, k_BxKxHxS, v_BxKxSxH, qpos, kpos_BxS, filled):
+    """A prefill chunk's attention to cache slots [0, filled) only (`filled` is traced), in blocks of
+    KEY_BLOCK keys under a lax.fori_loop with a running softmax (max, sum and output rescaled per block):
+    the chunk computes no scores against the empty rest of the cache, so a chunked prefill does about half
+    the attention work of attending to every slot, with one compiled body. Returns o_BxKxQxH; rows with no
+    visible key (padding) get zeros."""
+    B, K, Q, H = q_BxKxQxH.shape
+    S = k_BxKxHxS.shape[3]
+    Cb = min(KEY_BLOCK, S)
+    q = q_BxKxQxH
+
+    def body(b, carry):
+        m_BxKxQ, l_BxKxQ, acc_BxKxQxH = carry
+        start = jnp.minimum(b * Cb, S - Cb)  # the last block may overlap the one before it: masked below
+        k_BxKxHxC = jax.lax.dynamic_slice_in_dim(k_BxKxHxS, start, Cb, axis=3).astype(q.dtype)
+        v_BxKxCxH = jax.lax.dynamic_slice_in_dim(v_BxKxSxH, start, Cb, axis=2).astype(q.dtype)
+        kpos_BxC = jax.lax.dynamic_slice_in_dim(kpos_BxS, start, Cb, axis=1)
+        s = jnp.einsum("bkqh,bkhc->bkqc", q, k_BxKxHxC, preferred_element_type=jnp.float32) * cfg.attn_scale
+        s = _softcap(s, cfg.attn_softcap)
+        ok = _mask(cfg, i, qpos, kpos_BxC[:, None, None, :]) & (start + jnp.arange(Cb) >= b * Cb)
+        s = jnp.where(ok, s, jnp.finfo(jnp.float32).min)
+        m_new = jnp.maximum(m_BxKxQ, s.max(-1))
+        p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
+        scale = jnp.exp(m_BxKxQ - m_new)
+        pv = jnp.einsum("bkqc,bkch->bkqh", p.astype(q.dtype), v_BxKxCxH, preferred_element_type=jnp.float32)
+        return m_new, l_BxKxQ * scale + p.sum(-1), acc_BxKxQxH * scale[..., None] + pv
+
+    init = (jnp.full((B, K, Q), jnp.finfo(jnp.float32).min), jnp.zeros((B, K, Q), jnp.float32),
+            jnp.zeros((B, K, Q, H), jnp.float32))
+    _, l_BxKxQ, acc = jax.lax.fori_loop(0, (filled + Cb - 1) // Cb, body, init)
+    return (acc / jnp.maximum(l_BxKxQ, jnp.finfo(jnp.float32).tiny)[..., None]).astype(q.dtype)
+
+
 def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     """Self-attention of layer i. `kv` = (k_BxKxHxS, v_BxKxSxH, pos_BxS, end) to use a cache;
     returns (out_BxTxD, (k, v)) where (k, v) are the updated cache arrays (or this block's keys)."""
@@ -458,13 +496,16 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     v_BxKxSxH = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, end, 0))
     # queries as [B, K, G*T, H]: per (row, kv head) one [G*T, H] x [S, H]^T matmul
     q_BxKxGTxH = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-    s = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxGTxH, k_BxKxHxS.astype(q.dtype),
-                   preferred_element_type=jnp.float32) * cfg.attn_scale
-    s = _softcap(s, cfg.attn_softcap)
     qpos = jnp.broadcast_to(pos_BxT[:, None, :], (B, G, T)).reshape(B, 1, G * T, 1)
-    ok = _mask(cfg, i, qpos, kpos_BxS[:, None, None, :])
-    p = _masked_softmax(s, ok, q.dtype)
-    o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxSxH.astype(q.dtype))  # [B, K, G*T, H]
+    if T > 1:
+        o = _prefix_attention(cfg, i, q_BxKxGTxH, k_BxKxHxS, v_BxKxSxH, qpos, kpos_BxS, end + T)
+    else:
+        s = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxGTxH, k_BxKxHxS.astype(q.dtype),
+                       preferred_element_type=jnp.float32) * cfg.attn_scale
+        s = _softcap(s, cfg.attn_softcap)
+        ok = _mask(cfg, i, qpos, kpos_BxS[:, None, None, :])
+        p = _masked_softmax(s, ok, q.dtype)
+        o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxSxH.astype(q.dtype))  # [B, K, G*T, H]
     o_BxTxNH = o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
     return _linear(o_BxTxNH, lp.o, lp.o_b), (k_BxKxHxS, v_BxKxSxH)
 

@@ -40,9 +40,10 @@ Estimates (documented, not exact; what the jitted step keeps alive, read from tr
     dtype), the fp32 dh (E), the [E, V] transposed LM head (compute dtype) and its fp32 gradient
     carry, and one chunk of ~loss_chunk positions of fp32 logits (x3: logits, exp, dlogits);
     no [B, T, V] logits exist;
-  * generation: the cache holds the sampler's padded lengths (`cache_lengths`); working memory per
-    row is the prefill's fp32 scores and MLP activations of one chunk of prompt tokens, or the decode
-    step's fp32 logits (10 x V x 4), whichever is larger (the formula of sampling.auto_batch_size).
+  * generation: the cache holds the sampler's padded lengths (`sampling.cache_lengths`); working memory
+    per row is `sampling.work_bytes` (the one formula sampling.auto_batch_size uses too): the prefill's
+    fp32 scores of one key block and MLP activations of one chunk of prompt tokens, or the decode
+    step's fp32 logits (10 x V x 4), whichever is larger.
 A run fits when the total is under `HEADROOM` x hbm (XLA's scratch, fragmentation, the runtime).
 """
 
@@ -56,12 +57,12 @@ import jax
 
 from selfalign_jax import lora as L
 from selfalign_jax import model as M
+from selfalign_jax import sampling
 
 HEADROOM = 0.9  # share of the HBM a plan may use
 GIB = 1 << 30
 OPT_SCALARS = 8  # optax's int32 counters: scale_by_adam's (+ the lr schedule's where optax holds it)
 QUERY_BLOCK = M.QUERY_BLOCK
-PREFILL_CHUNK = 512  # prompt tokens per prefill step (sampling.PREFILL_CHUNK today)
 MAX_SEARCH = 1 << 14  # largest batch the fit search tries
 RULES = M.ShardingRules()  # the trainer's default placement
 SCORE_COPIES = 5  # fp32 score-sized arrays kept per attention block (calibrated on XLA:CPU, see module doc)
@@ -214,36 +215,19 @@ def train_bytes(cfg: M.Config, ts: TrainSettings, mesh: dict | None = None) -> d
 
 
 # ------------------------------------------------------------------------------------ generation
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def cache_lengths(prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt slots, new-token slots) of the sampler's cache: the prompt but its last token padded to
-    a power of two from 16 to 512 then to a multiple of 256, the new tokens to a power of two >= 16
-    (sampling.prompt_bucket / new_tokens_bucket today)."""
-    n = max(1, prompt_len - 1)
-    tp = max(16, _pow2(n)) if n <= 512 else -(-n // 256) * 256
-    return tp, max(16, _pow2(max_new_tokens))
-
-
 def gen_bytes(cfg: M.Config, gs: GenSettings, mesh: dict | None = None) -> dict[str, int]:
     """Bytes per device of sampling a batch (parameters, KV cache, working memory)."""
     m = full_mesh(mesh)
     rows = -(-gs.batch_size // (m["data"] * m["fsdp"]))
-    Tp, Tn = cache_lengths(gs.prompt_len, gs.max_new_tokens)
+    Tp, Tn = sampling.cache_lengths(gs.prompt_len, gs.max_new_tokens)
     S = Tp + Tn
     t = m["tensor"]
     N = cfg.n_heads // _div(cfg.n_heads, t)
     F = cfg.intermediate // _div(cfg.intermediate, t)
-    C = Tp if Tp <= PREFILL_CHUNK else math.gcd(Tp, PREFILL_CHUNK)
-    b = _isz(gs.dtype)
-    prefill = C * (3 * N * S * 4 + (3 * F + 8 * cfg.hidden + 3 * N * cfg.head_dim) * b)
-    decode = 10 * cfg.vocab_size * 4 + 3 * N * S * 4
     out = {"params": spec_bytes(M.param_specs(cfg), gs.dtype, m),
            "kv_per_sequence": kv_bytes_per_seq(cfg, S, gs.dtype, t),
            "kv_cache": kv_bytes(cfg, gs.batch_size, S, gs.dtype, m),
-           "work": rows * (S * 8 + gs.max_new_tokens * 8 + cfg.vocab_size + max(prefill, decode))}
+           "work": rows * sampling.work_bytes(cfg, Tp, Tn, N, F, _isz(gs.dtype))}
     out["total"] = out["params"] + out["kv_cache"] + out["work"]
     return out
 

@@ -109,7 +109,7 @@ from selfalign_jax.template import MARKERS, find_cut
 
 TRACES: collections.Counter = collections.Counter()  # function name -> times traced (compiled)
 PROFILE: collections.Counter | None = None  # set to a Counter: seconds spent in prefill / decode (blocking)
-PREFILL_CHUNK = 512  # prompt tokens per prefill step (bounds the attention-score memory)
+PREFILL_CHUNK = 256  # prompt tokens per prefill step (bounds the working memory)
 PROMPT_TAIL = 8  # prompt tokens decoded with the completion so its first word decodes as in context
 
 
@@ -576,16 +576,29 @@ def auto_batch_size(cfg: M.Config, prompt_len: int, max_new_tokens: int, budget_
     if max_batch is None:
         max_batch = 64 if dev.platform == "cpu" else 256
     isz = jnp.dtype(cache_dtype or cfg.dtype).itemsize
-    Tp, Tn = prompt_bucket(max(1, prompt_len - 1)), new_tokens_bucket(max_new_tokens)
-    S, C = Tp + Tn, _chunk(Tp)
-    cache = 2 * cfg.n_layers * S * cfg.n_kv_heads * cfg.head_dim * isz
-    state = S * 8 + Tn * 8 + cfg.vocab_size
-    prefill = C * (3 * cfg.n_heads * S * 4 + (3 * cfg.intermediate + 8 * cfg.hidden
-                                              + 3 * cfg.n_heads * cfg.head_dim) * jnp.dtype(cfg.dtype).itemsize)
-    decode = 10 * cfg.vocab_size * 4 + 3 * cfg.n_heads * S * 4
-    per_row = cache + state + max(prefill, decode)
+    Tp, Tn = cache_lengths(prompt_len, max_new_tokens)
+    cache = 2 * cfg.n_layers * (Tp + Tn) * cfg.n_kv_heads * cfg.head_dim * isz
+    per_row = cache + work_bytes(cfg, Tp, Tn, cfg.n_heads, cfg.intermediate, jnp.dtype(cfg.dtype).itemsize)
     b = max(1, budget_bytes // per_row)
     return int(max(1, min(max_batch, 1 << (int(b).bit_length() - 1))))
+
+
+def cache_lengths(prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+    """(prompt slots Tp, new-token slots Tn) of a batch's cache: the prompt but its last token, bucketed."""
+    return prompt_bucket(max(1, prompt_len - 1)), new_tokens_bucket(max_new_tokens)
+
+
+def work_bytes(cfg: M.Config, Tp: int, Tn: int, heads: int, inter: int, itemsize: int) -> int:
+    """Working memory of one row besides its KV cache (`heads` / `inter`: the query heads and MLP width one
+    device holds): the loop state, plus the prefill's (one chunk of tokens: the fp32 scores of one key block,
+    the running output and the MLP activations) or the decode step's (fp32 logits and scores), the larger."""
+    S, C = Tp + Tn, _chunk(Tp)
+    state = S * 8 + Tn * 8 + cfg.vocab_size
+    keys = min(S, M.KEY_BLOCK)
+    prefill = C * (3 * heads * keys * 4 + 2 * heads * cfg.head_dim * 4
+                   + (3 * inter + 8 * cfg.hidden + 3 * heads * cfg.head_dim) * itemsize)
+    decode = 10 * cfg.vocab_size * 4 + 3 * heads * S * 4
+    return state + max(prefill, decode)
 
 
 # -------------------------------------------------------------------------------------------- host

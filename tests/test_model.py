@@ -53,16 +53,23 @@ def test_config_features(family_model):
         assert getattr(cfg, k) == v, (fam, k, getattr(cfg, k))
 
 
-def test_kv_cache_decode_equals_full_forward(family_model):
+@pytest.mark.parametrize("key_block,chunks,slots", [(128, (7,), 16), (5, (3, 4, 5), 14)])
+def test_kv_cache_decode_equals_full_forward(family_model, monkeypatch, key_block, chunks, slots):
+    """Prefill in chunks, then one column at a time: the full forward's logits. A prefill chunk attends to
+    the filled slots only, in key blocks: 5-key blocks over 14 slots end with a block that overlaps the one
+    before it."""
     fam, _, _, cfg, params = family_model
+    monkeypatch.setattr(M, "KEY_BLOCK", key_block)
     tokens, valid = fx.left_padded_batch(seed=2, lengths=(12, 9, 6))
     pos = M.positions(valid)
     full = _ours(cfg, params, tokens, valid)
-    T0 = 7  # prefill the first 7 columns, then decode one column at a time
     step = jax.jit(lambda p, t, q, c: (lambda h, c2: (M.logits(p, cfg, h), c2))(*M.apply(p, cfg, t, q, c)))
-    cache = M.init_cache(cfg, tokens.shape[0], 16)
-    lg, cache = step(params, tokens[:, :T0], pos[:, :T0], cache)
-    got = [np.asarray(lg)]
+    cache = M.init_cache(cfg, tokens.shape[0], slots)
+    got, T0 = [], 0
+    for n in chunks:
+        lg, cache = step(params, tokens[:, T0:T0 + n], pos[:, T0:T0 + n], cache)
+        got.append(np.asarray(lg))
+        T0 += n
     for t in range(T0, tokens.shape[1]):
         lg, cache = step(params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
         got.append(np.asarray(lg))
