@@ -51,10 +51,12 @@ Determinism
 How it runs
     Prompts are sorted by length (longest first) and cut into batches (`batch_size`, or the largest power of
     two whose KV cache and working memory fit `memory_budget`); each batch is left-padded to a prompt-length
-    bucket (all prompt tokens but the last: powers of two from 16 to 512, then multiples of 256), the batch
+    bucket (all prompt tokens but the last: powers of two from 16 to 256, then multiples of 128), the batch
     to a power of two (at most batch_size) and max_new_tokens to a power of two, so the number of compiles
-    stays small. The prefill (chunks of at most 512 tokens under a lax.scan, so the attention scores stay
-    small) writes a preallocated KV cache that is donated and reused by the next batch of the same shape;
+    stays small. The prefill (chunks of 256 tokens under a lax.scan, the remainder first: bounded working
+    memory; each chunk attends only to the cache slots filled so far, in key blocks, see
+    model._prefix_attention) writes a preallocated KV cache that is donated and reused by the next batch of
+    the same shape;
     it has no LM head or token choice: the decode's first step feeds each row's last prompt token, so the
     sampling code is compiled once. The decode is one jitted lax.while_loop of single-token steps (model,
     logits, processors, choice, in-place cache update) with per-row done flags (EOS, max_new_tokens, context
@@ -92,7 +94,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import time
 from typing import Sequence
 
@@ -125,16 +126,18 @@ class Result:
 
 # ------------------------------------------------------------------------------------------- buckets
 def prompt_bucket(n: int) -> int:
-    """Padded prompt length: powers of two from 16 to 512, then multiples of 256."""
-    return max(16, pow2(n)) if n <= 512 else -(-n // 256) * 256
+    """Padded prompt length: powers of two from 16 to 256, then multiples of 128."""
+    return max(16, pow2(n)) if n <= 256 else -(-n // 128) * 128
 
 
 def new_tokens_bucket(n: int) -> int:
     return max(16, pow2(n))
 
 
-def _chunk(Tp: int) -> int:
-    return Tp if Tp <= PREFILL_CHUNK else math.gcd(Tp, PREFILL_CHUNK)
+def _chunks(Tp: int) -> tuple[int, int]:
+    """(first, C): a prefill of Tp tokens runs a first chunk of `first` tokens (0: none), then chunks of C."""
+    C = min(Tp, PREFILL_CHUNK)
+    return Tp % C, C
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -437,9 +440,13 @@ def _put(x, pl: Placement | None):
 
 # ------------------------------------------------------------------------------------ jitted parts
 def _prefill_cache(params, cfg: M.Config, tokens_BxT, pos_BxT, cache: M.Cache) -> M.Cache:
-    """Tokens into the cache in chunks of at most PREFILL_CHUNK (a lax.scan): bounded attention scores."""
+    """Tokens into the cache in chunks of PREFILL_CHUNK (a lax.scan; the remainder first): bounded working
+    memory, and each chunk attends to the slots filled so far only."""
     B, T = tokens_BxT.shape
-    C = _chunk(T)
+    first, C = _chunks(T)
+    if first:
+        cache = M.apply(params, cfg, tokens_BxT[:, :first], pos_BxT[:, :first], cache)[1]
+        tokens_BxT, pos_BxT, T = tokens_BxT[:, first:], pos_BxT[:, first:], T - first
     if C == T:
         return M.apply(params, cfg, tokens_BxT, pos_BxT, cache)[1]
 
@@ -592,7 +599,7 @@ def work_bytes(cfg: M.Config, Tp: int, Tn: int, heads: int, inter: int, itemsize
     """Working memory of one row besides its KV cache (`heads` / `inter`: the query heads and MLP width one
     device holds): the loop state, plus the prefill's (one chunk of tokens: the fp32 scores of one key block,
     the running output and the MLP activations) or the decode step's (fp32 logits and scores), the larger."""
-    S, C = Tp + Tn, _chunk(Tp)
+    S, C = Tp + Tn, _chunks(Tp)[1]
     state = S * 8 + Tn * 8 + cfg.vocab_size
     keys = min(S, M.KEY_BLOCK)
     prefill = C * (3 * heads * keys * 4 + 2 * heads * cfg.head_dim * 4

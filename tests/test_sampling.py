@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint, sampling as S
+from selfalign_jax import checkpoint, model as M, sampling as S
 from selfalign_jax.errors import UserError
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
@@ -46,11 +46,16 @@ def test_greedy_matches_transformers(models, family):
     assert [r.text.strip() for r in res] == [tok.decode(r.token_ids, skip_special_tokens=True).strip() for r in res]
 
 
-def test_chunked_prefill_matches_transformers(models, monkeypatch):
+@pytest.mark.parametrize("chunk,key_block,chunks", [(8, 128, (0, 8)), (12, 5, (8, 12))])
+def test_chunked_prefill_matches_transformers(models, monkeypatch, chunk, key_block, chunks):
+    """Prefill chunks (32 prompt columns: 4 x 8, or 8 then 2 x 12), each attending to the filled slots in key
+    blocks (one block, or blocks of 5): the same tokens as transformers."""
     _, tm, cfg, params, tok = models("mistral")  # sliding window 4: chunk boundaries inside windows
-    monkeypatch.setattr(S, "PREFILL_CHUNK", 8)
-    prompts = [" ".join(fx.WORDS[4:30]), " ".join(fx.WORDS[40:52])]  # 27 and 13 tokens: 32 columns, 4 chunks
-    assert S._chunk(S.prompt_bucket(26)) == 8
+    monkeypatch.setattr(S, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(M, "KEY_BLOCK", key_block)
+    prompts = [" ".join(fx.WORDS[4:30]), " ".join(fx.WORDS[40:52])]  # 27 and 13 tokens: 32 columns
+    assert S._chunks(S.prompt_bucket(26)) == chunks
+    S._prefill.clear_cache()  # the module constants are read when tracing
     before = S.TRACES["prefill"]
     res = S.generate(params, cfg, tok, prompts, max_new_tokens=NEW, stop=())
     assert S.TRACES["prefill"] == before + 1
@@ -266,7 +271,7 @@ def test_auto_batch_size():
     small = S.auto_batch_size(cfg, 2000, 200, budget_bytes=4 << 20)
     assert small < S.auto_batch_size(cfg, 100, 100, budget_bytes=64 << 20)
     assert S.auto_batch_size(cfg, 100, 100, budget_bytes=1) == 1
-    assert [S.prompt_bucket(n) for n in (1, 16, 17, 300, 513, 1100)] == [16, 16, 32, 512, 768, 1280]
+    assert [S.prompt_bucket(n) for n in (1, 16, 17, 256, 257, 300, 513, 1100)] == [16, 16, 32, 256, 384, 384, 640, 1152]
 
 
 def test_cli_generate(models, tmp_path):
