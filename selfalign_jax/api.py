@@ -262,7 +262,6 @@ def generate(model, prompts, out, max_new_tokens: int = 128, temperature: float 
                                                           dtype=MS.compute_dtype(dtype)))
     lm = LoadedModel.load(model, dtype)
     t0 = time.perf_counter()
-    extra = dict(continuous=continuous) if num_beams == 1 else {}
     with _prompt_lines(where):
         res = beam.generate(lm.params, lm.cfg, lm.tokenizer, [r["prompt"] for r in rows],
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -272,7 +271,7 @@ def generate(model, prompts, out, max_new_tokens: int = 128, temperature: float 
                             mesh=MS.make_mesh(mesh) if mesh else None, num_beams=num_beams,
                             do_sample=do_sample or num_beams == 1, length_penalty=length_penalty,
                             early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
-                            exponential_decay_length_penalty=exponential_decay_length_penalty, **extra)
+                            exponential_decay_length_penalty=exponential_decay_length_penalty, continuous=continuous)
     dt = time.perf_counter() - t0
     done = [{**row, "completion": r.text} for row, r in zip(rows, res)]
     if MS.is_writer():

@@ -225,9 +225,10 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
              stop: Sequence[str] = MARKERS, seed: int = 0, key=None, batch_size: int | None = None,
              memory_budget: int | None = None, chat_template: bool = False, truncate: str = "left",
              ignore_eos: bool = False, mesh=None, in_out_weights: bool | None = None, progress: bool = False,
-             penalize_prompt: bool = True, **sampling_kw) -> list[sampling.Result]:
+             penalize_prompt: bool = True, continuous: bool = False, **sampling_kw) -> list[sampling.Result]:
     """Beam search (do_sample=False) or beam-sample (do_sample=True); num_beams=1: sampling.generate (with
-    temperature 0 unless do_sample). See the module docstring."""
+    temperature 0 unless do_sample; continuous: continuous batching, which beams do not use). See the module
+    docstring."""
     if num_beams < 1:
         raise UserError(f"num_beams must be >= 1, got {num_beams}")
     if early_stopping not in (True, False, "never"):
@@ -243,7 +244,7 @@ def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] 
         if exponential_decay_length_penalty is not None:
             raise UserError("exponential_decay_length_penalty needs num_beams > 1 here")
         return sampling.generate(params, cfg, tokenizer, prompts, temperature=temperature if do_sample else 0.0,
-                          **common, **sampling_kw)
+                                 continuous=continuous, **common, **sampling_kw)
     n = len(prompts)
     limit = sampling._per_prompt("max_new_tokens", max_new_tokens, n, np.int64)
     temp = sampling._per_prompt("temperature", temperature, n, np.float32)

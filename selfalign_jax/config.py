@@ -147,6 +147,7 @@ class GenConfig:
     early_stopping: bool | Literal["never"] = False  # beams: transformers' early_stopping
     exponential_decay_length_penalty: tuple[int, float] | None = None  # beams: (start, factor) raises EOS after start
     penalize_prompt: bool = True  # False: repetition penalty and n-gram ban over the generated tokens only
+    continuous: bool = True  # num_beams 1: continuous batching (a finished row's slot takes the next prompt)
 
     def __post_init__(self) -> None:
         _check("GenConfig", self, [

@@ -60,7 +60,8 @@ def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_
                         do_sample=gen.do_sample or gen.num_beams == 1, length_penalty=gen.length_penalty,
                         early_stopping=gen.early_stopping,
                         exponential_decay_length_penalty=gen.exponential_decay_length_penalty,
-                        penalize_prompt=gen.penalize_prompt, mesh=make_mesh(mesh) if mesh else None)
+                        penalize_prompt=gen.penalize_prompt, continuous=gen.continuous,
+                        mesh=make_mesh(mesh) if mesh else None)
     return [cut(r.text) for r in res]
 
 
