@@ -380,3 +380,24 @@ def test_raising_iterations_continues_a_finished_run(world, reference_run, tmp_p
     assert json.loads((run / "config.json").read_text())["isara"]["iterations"] == 3
     with pytest.raises(UserError, match="different config"):  # fewer iterations is another run
         rundir.run(d / "model", seeds, run, dataclasses.replace(CFG, iterations=1), evals, scorer)
+
+
+def test_stages_batch_continuously_unless_beams_or_told_not(world, monkeypatch):
+    """A stage's sampling refills finished rows' slots (continuous batching) by default; continuous=False and
+    beams batch statically; greedy text is the same either way."""
+    from selfalign_jax import sampling
+    from selfalign_jax.loaded import LoadedModel
+
+    d, seeds, _, _ = world
+    model = LoadedModel.load(d / "model", "float32")
+    calls = []
+    orig = sampling._run_continuous
+    monkeypatch.setattr(sampling, "_run_continuous", lambda *a: calls.append(1) or orig(*a))
+    prompts = [s["question"] for s in seeds[:5]]
+    key = isara.stage_key(0, 1, "questions")
+    greedy = GenConfig(max_new_tokens=6, temperature=0.0)
+    out = {c: isara.generate(model, prompts, dataclasses.replace(greedy, continuous=c), key, batch_size=2)
+           for c in (True, False)}
+    assert len(calls) == 1 and out[True] == out[False]
+    isara.generate(model, prompts, GenConfig(max_new_tokens=6, num_beams=2), key, batch_size=2)
+    assert len(calls) == 1
