@@ -396,8 +396,8 @@ def test_stages_batch_continuously_unless_beams_or_told_not(world, monkeypatch):
     prompts = [s["question"] for s in seeds[:5]]
     key = isara.stage_key(0, 1, "questions")
     greedy = GenConfig(max_new_tokens=6, temperature=0.0)
-    out = {c: isara.generate(model, prompts, dataclasses.replace(greedy, continuous=c), key, batch_size=2)
-           for c in (True, False)}
+    out = {c: isara.generate(model, prompts, greedy if c else dataclasses.replace(greedy, continuous=False), key,
+                             batch_size=2) for c in (True, False)}
     assert len(calls) == 1 and out[True] == out[False]
     isara.generate(model, prompts, GenConfig(max_new_tokens=6, num_beams=2), key, batch_size=2)
     assert len(calls) == 1
