@@ -18,6 +18,8 @@ Reported:
     matmul params per token) / time / matmul peak, timed the same interleaved way. The ceiling XLA:CPU's
     small-batch matmuls put on roofline_frac; decode_vs_matmul_only = roofline_frac / matmul_only_frac.
   cpu_util: process CPU time / wall time while running (how many cores the side actually used).
+  ref_matmul_gflops / ref_matmul_vs_ours: torch's fp32 2048^3 matmul (its BLAS, e.g. MKL) and its ratio to
+    XLA's: how much of `ratio` is the machine's BLAS (MKL runs far below XLA on some AMD CPUs).
 Workload (issue 14), shaped like an ISARA stage: `--workload-prompts` (256) random prompts of 300-1500 tokens,
 per-prompt new-token limits from a long-tailed mix (lognormal, mean ~40, max 200, fixed seed), EOS ignored so
 each row generates exactly its limit, the same weights on every side, in one run:
@@ -31,6 +33,7 @@ each row generates exactly its limit, the same weights on every side, in one run
 The machine may be shared: ratios in one run are what to compare, absolute numbers are noisy.
 
     python scripts/bench_sampling.py [--threads N] [--reps 2] [--skip-ref] [--workload-prompts 256]
+    python scripts/bench_sampling.py --workload-only --skip-ref   # our static and continuous workload only
 The last line printed is a JSON object.
 """
 
@@ -85,6 +88,15 @@ def matmul_rate(n: int = 2048, reps: int = 2) -> tuple[float, float]:
     return best, best_cpu
 
 
+def torch_matmul_rate(n: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of torch's fp32 n x n matmul (its BLAS), best of reps."""
+    import torch
+
+    a = torch.randn(n, n)
+    a @ a
+    return max(2 * n ** 3 / timed(lambda: a @ a)[1] for _ in range(reps))
+
+
 def matmul_params(cfg) -> int:
     """Weights a decode step multiplies each token by: every layer's projections and the LM head."""
     D, H, N, K, F, V = cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate, cfg.vocab_size
@@ -127,6 +139,7 @@ def main():
     ap.add_argument("--model-dir", type=Path, default=None, help="where to write the random checkpoint")
     ap.add_argument("--workload-prompts", type=int, default=256, help="prompts of the ISARA-shaped workload (0: skip)")
     ap.add_argument("--workload-batch", type=int, default=16, help="our batch size / slots in the workload")
+    ap.add_argument("--workload-only", action="store_true", help="only the workload (with --skip-ref: ours only)")
     ap.add_argument("--ref-batch-sizes", default="4,16", help="transformers batch sizes tried in the workload")
     args = ap.parse_args()
 
@@ -153,6 +166,9 @@ def main():
     print(f"threads: torch {torch.get_num_threads()}, XLA intra-op pool = all {os.cpu_count()} cores "
           f"(affinity {len(os.sched_getaffinity(0))}); jax {jax.__version__} {jax.devices()[0].platform}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
+    if args.workload_only:
+        print(json.dumps(workload(args, hf, params, cfg, tok, torch)))
+        return
 
     def ours():
         return S.generate(params, cfg, tok, [p.tolist() for p in prompts], max_new_tokens=NEW, temperature=0.0,
@@ -243,6 +259,10 @@ def main():
                    ref_decode_tok_s=round(ref_dec, 1), decode_ratio=round(ours_dec_tok_s / ref_dec, 2),
                    ref_s=round(ref_s, 2), ref_prefill_s=round(ref1_s, 2), ref_cpu_util=round(ref_util, 2),
                    greedy_rows_agree_16=agree16, greedy_token_agreement=round(same, 4))
+        tm = torch_matmul_rate()
+        out.update(ref_matmul_gflops=round(tm / 1e9, 1), ref_matmul_vs_ours=round(tm / peak, 2))
+        print(f"torch fp32 2048^3 matmul up to {tm / 1e9:.1f} GFLOP/s ({tm / peak:.2f} of XLA's): the machine's BLAS "
+              f"weighs in the ratio")
     if args.workload_prompts > 0:
         out.update(workload(args, hf, params, cfg, tok, torch))
     out["loadavg_1m"] = os.getloadavg()[0]
