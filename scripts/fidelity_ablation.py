@@ -34,6 +34,7 @@ from selfalign_jax.demo import DEMO, run_demo
 from selfalign_jax.template import Template
 
 OLD_MARKERS = ("BEGIN", "END", "USER", "ASSISTANT")
+ORIG_DRAW = isara.draw_demos  # old_draw_demos calls it while isara.draw_demos is patched
 _answer_prompt, _baseline = Template.answer_prompt, rundir.baseline
 
 
@@ -51,23 +52,9 @@ def old_warmup_steps(tcfg, total_steps):  # item2
     return int(math.ceil(tcfg.warmup_ratio * total_steps))
 
 
-def old_write_questions(model, pools, t, cfg):  # item3: the current function plus the old shuffle
-    tpl, rng = Template(cfg.template, model.tokenizer), isara.stage_rng(cfg.seed, t, "questions")
-    counts, budget = isara.demo_counts(t, cfg.demos), isara.prompt_budget(model, cfg, cfg.question_gen)
-    prompts, demo_sets = [], []
-    for _ in range(cfg.generate):
-        demos = []
-        for pool, c in zip(pools, counts):
-            idx = rng.choice(len(pool), size=min(c, len(pool)), replace=False)
-            demos += [(pool[i]["question"], pool[i]["answer"]) for i in idx]
-        demos = [demos[i] for i in rng.permutation(len(demos))]
-        demos = isara.fit_budget(tpl, model.tokenizer, demos, tpl.question_prompt, budget)
-        prompts.append(tpl.question_prompt(demos))
-        demo_sets.append(demos)
-    qs = isara.generate(model, prompts, cfg.question_gen, isara.stage_key(cfg.seed, t, "questions"),
-                        cfg.batch_size, desc=f"iter {t} questions", mesh=cfg.mesh)
-    return [{"question": q, "demo_questions": [d[0] for d in ds], "n_demos": len(ds)}
-            for q, ds in zip(qs, demo_sets)]
+def old_draw_demos(pools, counts, rng):  # item3: the current draws, then the old shuffle across sets
+    demos = ORIG_DRAW(pools, counts, rng)
+    return [demos[i] for i in rng.permutation(len(demos))]
 
 
 def old_answer_prompt(self, pairs, question):  # item3: best-first lists rendered nearest last
@@ -93,7 +80,7 @@ def old_cut(text, markers=OLD_MARKERS):
 
 PATCHES = {"none": [], "item1": [(rundir, "baseline", old_baseline)],
            "item2": [(train, "warmup_steps", old_warmup_steps)],
-           "item3": [(isara, "write_questions", old_write_questions), (Template, "answer_prompt", old_answer_prompt)],
+           "item3": [(isara, "draw_demos", old_draw_demos), (Template, "answer_prompt", old_answer_prompt)],
            "item4": [(isara, "fit_budget", old_fit_budget)],
            "item5": [(isara, "MARKERS", OLD_MARKERS), (isara, "cut", old_cut), (sampling, "_find_stop", old_find_stop)],
            "item6": []}

@@ -86,6 +86,15 @@ def fit_budget(template: Template, tokenizer, demos: list[tuple[str, str]], rend
 
 
 # ------------------------------------------------------------------------------- ISARA, step 2
+def draw_demos(pools: list[list[dict]], counts: list[int], rng) -> list[tuple[str, str]]:
+    """One question prompt's demonstrations: counts[j] distinct random pairs of pool set j, in pool order."""
+    demos = []
+    for pool, c in zip(pools, counts):
+        idx = rng.choice(len(pool), size=min(c, len(pool)), replace=False)
+        demos += [(pool[i]["question"], pool[i]["answer"]) for i in idx]
+    return demos
+
+
 def write_questions(model: LoadedModel, pools: list[list[dict]], t: int, cfg: IsaraConfig) -> list[dict]:
     """N prompts of random demonstrations (counts per pool set from step 1), each ending with
     `BEGINNING OF CONVERSATION: USER:`; the model's continuation, cut at a marker, is the question.
@@ -95,11 +104,7 @@ def write_questions(model: LoadedModel, pools: list[list[dict]], t: int, cfg: Is
     counts, budget = demo_counts(t, cfg.demos), prompt_budget(model, cfg, cfg.question_gen)
     prompts, demo_sets = [], []
     for _ in range(cfg.generate):
-        demos = []
-        for pool, c in zip(pools, counts):
-            idx = rng.choice(len(pool), size=min(c, len(pool)), replace=False)
-            demos += [(pool[i]["question"], pool[i]["answer"]) for i in idx]
-        demos = fit_budget(tpl, model.tokenizer, demos, tpl.question_prompt, budget)
+        demos = fit_budget(tpl, model.tokenizer, draw_demos(pools, counts, rng), tpl.question_prompt, budget)
         prompts.append(tpl.question_prompt(demos))
         demo_sets.append(demos)
     qs = generate(model, prompts, cfg.question_gen, stage_key(cfg.seed, t, "questions"),
