@@ -1,4 +1,5 @@
-"""`selfalign plan`'s prediction for one SFT step against what XLA allocates for it.
+"""`selfalign plan`'s prediction for one SFT step (or, with --generate, one sampler prefill) against what XLA
+allocates for it.
 
 Builds a model config from numbers (no weights are read), compiles the trainer's step for a random batch,
 and prints per device: the plan's state (params + LoRA + AdamW) and temporaries (gradients + compute copy +
@@ -7,6 +8,7 @@ peak bytes in use after one real step (`device.memory_stats()`).
 
     python scripts/plan_check.py --preset 1b --batch 8 --length 512 --dtype bfloat16 [--remat] [--lora 16]
     python scripts/plan_check.py --layers 4 --hidden 512 ...       # any shape
+    python scripts/plan_check.py --preset 2b --batch 4 --length 2000 --generate 200   # the prefill's working memory
 
 On the CPU the step only compiles unless --run is given (a 1B step in fp32 takes minutes on 2 cores).
 """
@@ -24,11 +26,14 @@ import numpy as np
 from selfalign_jax import mesh as MS
 from selfalign_jax import model as M
 from selfalign_jax import plan as P
+from selfalign_jax import sampling as S
 from selfalign_jax import train as T
 
 PRESETS = {  # published shapes
     "1b": {"vocab_size": 128256, "hidden": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "head_dim": 64,
            "intermediate": 8192, "tied": True},
+    "2b": {"family": "gemma2", "vocab_size": 256000, "hidden": 2304, "n_layers": 26, "n_heads": 8, "n_kv_heads": 4,
+           "head_dim": 256, "intermediate": 9216, "tied": True},  # Gemma-2-2B-like
     "tiny": {"vocab_size": 8192, "hidden": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "head_dim": 64,
              "intermediate": 1536},
 }
@@ -46,13 +51,17 @@ def main():
     ap.add_argument("--lora", type=int, default=0)
     ap.add_argument("--mesh", default=None)
     ap.add_argument("--run", action="store_true", help="also run one step (default on accelerators)")
+    ap.add_argument("--generate", type=int, default=0, metavar="NEW",
+                    help="check the sampler's prefill of --batch prompts of --length tokens with NEW new-token slots")
     a = ap.parse_args()
     shape = dict(PRESETS[a.preset])
     for k, f in (("layers", "n_layers"), ("hidden", "hidden"), ("heads", "n_heads"), ("kv_heads", "n_kv_heads"),
                  ("head_dim", "head_dim"), ("intermediate", "intermediate"), ("vocab", "vocab_size")):
         if getattr(a, k) is not None:
             shape[f] = getattr(a, k)
-    cfg = M.Config(family="llama", max_pos=max(4096, a.length + 1), **shape)
+    cfg = M.Config(family=shape.pop("family", "llama"), max_pos=max(4096, a.length + a.generate + 1), **shape)
+    if a.generate:
+        return check_prefill(dataclasses.replace(cfg, dtype=a.dtype), a.batch, a.length, a.generate)
     mesh = MS.make_mesh(a.mesh)
     sizes = dict(mesh.shape)
     tc = T.TrainConfig(batch_size=a.batch, grad_accum=1, max_length=a.length, remat=a.remat, lora_rank=a.lora,
@@ -96,6 +105,24 @@ def main():
             print(f"  (no memory_stats on {dev.platform}); loss {float(metrics['loss']):.3f}")
     print("  plan parts (MiB): " + ", ".join(f"{k} {v / mib:.1f}" for k, v in pb.items()))
     assert math.isfinite(pb["total"])
+
+
+def check_prefill(cfg: M.Config, rows: int, prompt_len: int, new: int) -> None:
+    """plan.gen_bytes' working memory against XLA's temporaries of the sampler's prefill (one device)."""
+    gb = P.gen_bytes(cfg, P.GenSettings(batch_size=rows, prompt_len=prompt_len, max_new_tokens=new, dtype=cfg.dtype))
+    Tp, Tn = S.cache_lengths(prompt_len, new)
+    params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
+    cache = jax.eval_shape(lambda: M.init_cache(cfg, rows, Tp + Tn))
+    tokens = jax.ShapeDtypeStruct((rows, Tp), jnp.int32)
+    f = jax.jit(S._prefill_cache, static_argnames="cfg", donate_argnames="cache")
+    ma = f.lower(params, cfg=cfg, tokens_BxT=tokens, pos_BxT=tokens, cache=cache).compile().memory_analysis()
+    mib = 1 << 20
+    print(f"{jax.devices()[0].platform}: prefill of {rows} x {Tp} prompt slots (+{Tn} new), {cfg.n_layers} layers, "
+          f"{cfg.n_heads} heads of {cfg.head_dim}, {cfg.dtype}")
+    print(f"  KV cache: plan {gb['kv_cache'] / mib:.1f} MiB; working memory: plan {gb['work'] / mib:.1f} MiB, "
+          f"XLA temporaries {ma.temp_size_in_bytes / mib:.1f} MiB (ratio {ma.temp_size_in_bytes / gb['work']:.2f})")
+    if jax.default_backend() == "cpu" and cfg.dtype != "float32":
+        print("  (XLA:CPU keeps fp32 copies of bf16 weights for its matmuls: its temporaries are not an accelerator's)")
 
 
 if __name__ == "__main__":
