@@ -9,10 +9,11 @@ import shutil
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import fileio, isara, rundir, train
+from selfalign_jax import fileio, isara, rundir, sampling, train
 from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
 from selfalign_jax.errors import UserError
 from selfalign_jax.evaluate import get_scorer
+from selfalign_jax.loaded import LoadedModel
 
 CFG = IsaraConfig(
     iterations=2, generate=6, demos=4, context_budget=400, embedder="hashing",
@@ -245,7 +246,6 @@ def test_demo_counts_use_the_newest_sets_past_k_plus_1():
 
 
 def test_cut_markers_as_the_authors_postprocessing():
-    from selfalign_jax import sampling
     from selfalign_jax.template import cut
 
     assert cut(" The answer is 4. ANSWER: 5") == "The answer is 4."
@@ -385,9 +385,6 @@ def test_raising_iterations_continues_a_finished_run(world, reference_run, tmp_p
 def test_stages_batch_continuously_unless_beams_or_told_not(world, monkeypatch):
     """A stage's sampling refills finished rows' slots (continuous batching) by default; continuous=False and
     beams batch statically; greedy text is the same either way."""
-    from selfalign_jax import sampling
-    from selfalign_jax.loaded import LoadedModel
-
     d, seeds, _, _ = world
     model = LoadedModel.load(d / "model", "float32")
     calls = []

@@ -47,7 +47,7 @@ def test_greedy_matches_transformers(models, family):
 
 
 @pytest.mark.parametrize("chunk,key_block,chunks", [(8, 128, (0, 8)), (12, 5, (8, 12))])
-def test_chunked_prefill_matches_transformers(models, monkeypatch, chunk, key_block, chunks):
+def test_chunked_prefill_matches_transformers(models, monkeypatch, request, chunk, key_block, chunks):
     """Prefill chunks (32 prompt columns: 4 x 8, or 8 then 2 x 12), each attending to the filled slots in key
     blocks (one block, or blocks of 5): the same tokens as transformers."""
     _, tm, cfg, params, tok = models("mistral")  # sliding window 4: chunk boundaries inside windows
@@ -55,7 +55,8 @@ def test_chunked_prefill_matches_transformers(models, monkeypatch, chunk, key_bl
     monkeypatch.setattr(M, "KEY_BLOCK", key_block)
     prompts = [" ".join(fx.WORDS[4:30]), " ".join(fx.WORDS[40:52])]  # 27 and 13 tokens: 32 columns
     assert S._chunks(S.prompt_bucket(26)) == chunks
-    S._prefill.clear_cache()  # the module constants are read when tracing
+    S._prefill.clear_cache()  # the module constants are read when tracing: before and after this test
+    request.addfinalizer(S._prefill.clear_cache)
     before = S.TRACES["prefill"]
     res = S.generate(params, cfg, tok, prompts, max_new_tokens=NEW, stop=())
     assert S.TRACES["prefill"] == before + 1
