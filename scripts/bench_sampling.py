@@ -17,6 +17,12 @@ Reported:
     head on the same [in, out] weights at batch 32; no attention, norms or token choice): their FLOPs (2 x
     matmul params per token) / time / matmul peak, timed the same interleaved way. The ceiling XLA:CPU's
     small-batch matmuls put on roofline_frac; decode_vs_matmul_only = roofline_frac / matmul_only_frac.
+  mem_read_gbs: the machine's streaming read bandwidth (a jitted sum over a 512 MiB fp32 array, best of 3).
+    decode_mem_frac: bytes a decode step reads (every matmul weight, the KV cache's S slots of every layer)
+    / step time / mem_read_gbs, the bandwidth fraction (on a GPU: of HBM). roofline_frac_bound: an upper
+    estimate of roofline_frac on this machine: the decode's FLOPs over the time of its weight matmuls alone
+    (as in matmul_only_frac) plus its KV-cache read at mem_read_gbs, everything else (norms, RoPE, softmax,
+    cache writes, token choice) taken as free.
   cpu_util: process CPU time / wall time while running (how many cores the side actually used).
   ref_matmul_gflops / ref_matmul_vs_ours: torch's fp32 2048^3 matmul (its BLAS, e.g. MKL) and its ratio to
     XLA's: how much of `ratio` is the machine's BLAS (MKL runs far below XLA on some AMD CPUs).
@@ -86,6 +92,22 @@ def matmul_rate(n: int = 2048, reps: int = 2) -> tuple[float, float]:
         _, wall, util = timed(lambda: f(a, a).block_until_ready())
         best, best_cpu = max(best, 2 * n ** 3 / wall), max(best_cpu, 2 * n ** 3 / (wall * util))
     return best, best_cpu
+
+
+def mem_read_rate(mib: int = 512, reps: int = 3) -> float:
+    """Bytes/s of a jitted sum over a mib MiB fp32 array (streaming reads, far beyond the caches), best of reps."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib << 18,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    return max((mib << 20) / timed(lambda: f(x).block_until_ready())[1] for _ in range(reps))
+
+
+def kv_read_bytes(cfg, batch: int, slots: int, itemsize: int = 4) -> int:
+    """Bytes of keys and values a decode step reads: every layer's cache of `slots` slots."""
+    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * slots * itemsize
 
 
 def torch_matmul_rate(n: int = 2048, reps: int = 3) -> float:
@@ -218,6 +240,11 @@ def main():
         assert int(st.step) == NEW
     dflops = decode_flops(cfg, BATCH, PROMPT, 0, NEW)
     roof, roof_cpu, roof_mm = float(np.median(fr)), float(np.median(fr_cpu)), float(np.median(fr_mm))
+    bw = mem_read_rate()
+    kv_step = kv_read_bytes(cfg, BATCH, Tp + Tn)
+    mem_frac = (4 * matmul_params(cfg) + kv_step) * NEW / dec_s / bw
+    step_flops = dflops / NEW  # the bound: weight matmuls at their measured fraction, the cache at bw
+    bound = step_flops / (mm_step_flops / (roof_mm * peak) + kv_step / bw) / peak
     pre_best = min(pre_s)
     ours_dec_tok_s = BATCH * NEW / dec_s
     print(f"ours: prefill {pre_best:.2f}s, decode {dec_s:.2f}s ({dec_s / NEW * 1e3:.1f} ms/step, "
@@ -225,10 +252,15 @@ def main():
           f"jitted fp32 2048^3 matmul up to {peak / 1e9:.1f} GFLOP/s; roofline fraction (median over "
           f"{len(fr)} interleaved chunks) {roof:.2f}, per CPU-second {roof_cpu:.2f}; the decode's weight matmuls "
           f"alone {roof_mm:.2f} (decode / matmuls alone {roof / roof_mm:.2f})")
+    step_mib = (4 * matmul_params(cfg) + kv_step) / 2**20
+    print(f"memory: streaming reads {bw / 1e9:.1f} GB/s; the decode reads {step_mib:.0f} MiB a step "
+          f"({kv_step / 2**20:.0f} MiB of it KV cache), {mem_frac:.2f} of that bandwidth; roofline fraction if the "
+          f"weight matmuls ran as alone and the cache read at full bandwidth, the rest free: {bound:.2f}")
 
     out = dict(ours_tok_s=round(n_new / ours_s, 1), ref_tok_s=None, ratio=None, roofline_frac=round(roof, 3),
                roofline_frac_cpu=round(roof_cpu, 3), matmul_only_frac=round(roof_mm, 3),
-               decode_vs_matmul_only=round(roof / roof_mm, 3),
+               decode_vs_matmul_only=round(roof / roof_mm, 3), roofline_frac_bound=round(bound, 3),
+               mem_read_gbs=round(bw / 1e9, 1), decode_mem_frac=round(mem_frac, 3),
                ours_decode_tok_s=round(ours_dec_tok_s, 1), ref_decode_tok_s=None, decode_ratio=None,
                compile_s=round(compile_s, 2), ours_s=round(ours_s, 2), ours_prefill_s=round(pre_best, 2),
                ours_decode_s=round(dec_s, 2), decode_gflops=round(dflops / dec_s / 1e9, 1),

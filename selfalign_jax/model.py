@@ -379,6 +379,13 @@ def init_cache(cfg: Config, batch: int, size: int, dtype=None) -> Cache:
     )
 
 
+def cache_row_bytes(cfg: Config, size: int, dtype=None, kv_heads: int | None = None) -> int:
+    """Bytes of one row of `init_cache(cfg, batch, size, dtype)`: keys and values of every layer (`kv_heads`
+    of them: the heads one device holds), and its slot positions."""
+    K = cfg.n_kv_heads if kv_heads is None else kv_heads
+    return 2 * cfg.n_layers * K * cfg.head_dim * size * jnp.dtype(dtype or cfg.dtype).itemsize + 4 * size
+
+
 def _mask(cfg: Config, i: int, qpos, kpos):
     """True where a query at qpos may see a key at kpos (broadcasting)."""
     ok = (kpos >= 0) & (kpos <= qpos)

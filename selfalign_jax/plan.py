@@ -140,8 +140,7 @@ def _div(n: int, k: int) -> int:
 # -------------------------------------------------------------------------------------- KV cache
 def kv_bytes_per_seq(cfg: M.Config, seq_len: int, dtype=None, tensor: int = 1) -> int:
     """KV cache of one sequence of `seq_len` slots: keys + values of every layer, and its positions."""
-    K = cfg.n_kv_heads // _div(cfg.n_kv_heads, tensor)
-    return 2 * cfg.n_layers * K * cfg.head_dim * seq_len * _isz(dtype or cfg.dtype) + 4 * seq_len
+    return M.cache_row_bytes(cfg, seq_len, dtype, cfg.n_kv_heads // _div(cfg.n_kv_heads, tensor))
 
 
 def kv_bytes(cfg: M.Config, batch: int, seq_len: int, dtype=None, mesh: dict | None = None) -> int:

@@ -582,10 +582,9 @@ def auto_batch_size(cfg: M.Config, prompt_len: int, max_new_tokens: int, budget_
             budget_bytes = 4 << 30
     if max_batch is None:
         max_batch = 64 if dev.platform == "cpu" else 256
-    isz = jnp.dtype(cache_dtype or cfg.dtype).itemsize
     Tp, Tn = cache_lengths(prompt_len, max_new_tokens)
-    cache = 2 * cfg.n_layers * (Tp + Tn) * cfg.n_kv_heads * cfg.head_dim * isz
-    per_row = cache + work_bytes(cfg, Tp, Tn, cfg.n_heads, cfg.intermediate, jnp.dtype(cfg.dtype).itemsize)
+    per_row = (M.cache_row_bytes(cfg, Tp + Tn, cache_dtype)
+               + work_bytes(cfg, Tp, Tn, cfg.n_heads, cfg.intermediate, jnp.dtype(cfg.dtype).itemsize))
     b = max(1, budget_bytes // per_row)
     return int(max(1, min(max_batch, 1 << (int(b).bit_length() - 1))))
 
