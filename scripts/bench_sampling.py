@@ -217,10 +217,15 @@ def main():
     padded[:, Tp + 1 - PROMPT:] = prompts
     fr, fr_cpu, dec_s, dec_cpu, pre_s, peak = [], [], 0.0, 0.0, [], 0.0
     mm_only, fr_mm, mm_step_flops = matmul_only_loop(p_dec, BATCH), [], 2 * matmul_params(cfg) * BATCH
+    def prefill():
+        return S._prefill(p_dec, M.init_cache(cfg, BATCH, Tp + Tn), padded, lens, keys, np.full(BATCH, NEW, np.int32),
+                          one * 0, zero_i, one, one, cfg=cfg)
+
+    # warm-up: generate's calls pass other static arguments (place, ...), so these compile anew, untimed
+    jax.block_until_ready(S._decode(p_dec, prefill(), np.int32(NEW), np.zeros(BATCH, bool), **kw))
+    traces = sum(S.TRACES.values())
     for _ in range(args.reps):
-        cache = M.init_cache(cfg, BATCH, Tp + Tn)
-        st, t_pre, _ = timed(lambda: jax.block_until_ready(S._prefill(
-            p_dec, cache, padded, lens, keys, np.full(BATCH, NEW, np.int32), one * 0, zero_i, one, one, cfg=cfg)))
+        st, t_pre, _ = timed(lambda: jax.block_until_ready(prefill()))
         pre_s.append(t_pre)
         step = 0  # the prefill takes prompt tokens 0..126; decode step 0 feeds token 127 and chooses new token 0
         while step < NEW:
@@ -238,6 +243,7 @@ def main():
             dec_cpu += wall * util / args.reps
             step = until
         assert int(st.step) == NEW
+    assert sum(S.TRACES.values()) == traces, "the timed prefill / decode compiled"
     dflops = decode_flops(cfg, BATCH, PROMPT, 0, NEW)
     roof, roof_cpu, roof_mm = float(np.median(fr)), float(np.median(fr_cpu)), float(np.median(fr_mm))
     bw = mem_read_rate()
