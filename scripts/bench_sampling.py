@@ -105,11 +105,6 @@ def mem_read_rate(mib: int = 512, reps: int = 3) -> float:
     return max((mib << 20) / timed(lambda: f(x).block_until_ready())[1] for _ in range(reps))
 
 
-def kv_read_bytes(cfg, batch: int, slots: int, itemsize: int = 4) -> int:
-    """Bytes of keys and values a decode step reads: every layer's cache of `slots` slots."""
-    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * slots * itemsize
-
-
 def torch_matmul_rate(n: int = 2048, reps: int = 3) -> float:
     """FLOP/s of torch's fp32 n x n matmul (its BLAS), best of reps."""
     import torch
@@ -217,6 +212,7 @@ def main():
     padded[:, Tp + 1 - PROMPT:] = prompts
     fr, fr_cpu, dec_s, dec_cpu, pre_s, peak = [], [], 0.0, 0.0, [], 0.0
     mm_only, fr_mm, mm_step_flops = matmul_only_loop(p_dec, BATCH), [], 2 * matmul_params(cfg) * BATCH
+
     def prefill():
         return S._prefill(p_dec, M.init_cache(cfg, BATCH, Tp + Tn), padded, lens, keys, np.full(BATCH, NEW, np.int32),
                           one * 0, zero_i, one, one, cfg=cfg)
@@ -247,7 +243,7 @@ def main():
     dflops = decode_flops(cfg, BATCH, PROMPT, 0, NEW)
     roof, roof_cpu, roof_mm = float(np.median(fr)), float(np.median(fr_cpu)), float(np.median(fr_mm))
     bw = mem_read_rate()
-    kv_step = kv_read_bytes(cfg, BATCH, Tp + Tn)
+    kv_step = BATCH * M.cache_row_bytes(cfg, Tp + Tn)  # keys, values and slot positions of every layer
     mem_frac = (4 * matmul_params(cfg) + kv_step) * NEW / dec_s / bw
     step_flops = dflops / NEW  # the bound: weight matmuls at their measured fraction, the cache at bw
     bound = step_flops / (mm_step_flops / (roof_mm * peak) + kv_step / bw) / peak
