@@ -26,11 +26,23 @@ def main(model_dir: str) -> None:
     words = "the a of to and in is it you that he was for on are as with his they at be this have".split()
     prompts = [" ".join(rng.choice(words, int(rng.integers(2, 14)))) for _ in range(12)]
     lim = [int(x) for x in rng.choice([2, 5, 9, 12], len(prompts))]
+    mixed = [" ".join(rng.choice(words, 30)) for _ in range(2)] + prompts[:6]  # long prompts, then short ones
+    shrinks = []
+
+    def shrinking(m):  # continuous batching that shrinks its cache once the long prompts are done
+        S.SHRINK_FROM, orig = 32, S._shrink
+        S._shrink = lambda st, **k: shrinks.append(m) or orig(st, **k)
+        try:
+            return S.generate(params, cfg, tok, mixed, max_new_tokens=lim[:8], stop=(), batch_size=2, mesh=m,
+                              continuous=True)
+        finally:
+            S.SHRINK_FROM, S._shrink = 512, orig
     out = {"n_kv_heads": cfg.n_kv_heads, "runs": {}}
     modes = {
         "static": lambda m: S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8, mesh=m),
         "continuous": lambda m: S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8,
                                            mesh=m, continuous=True),
+        "continuous_shrink": shrinking,
         "beam": lambda m: beam.generate(params, cfg, tok, prompts[:4], max_new_tokens=8, stop=(), num_beams=4,
                                         length_penalty=0.5, batch_size=4, mesh=m),
         "beam_sample": lambda m: beam.generate(params, cfg, tok, prompts[:4], max_new_tokens=8, stop=(),
@@ -38,12 +50,14 @@ def main(model_dir: str) -> None:
     }
     for mode, fn in modes.items():
         ref = fn(None)
-        for spec in ("data=8", "data=2,tensor=4", "tensor=8") if mode != "beam_sample" else ("data=2,tensor=4",):
+        one = mode in ("beam_sample", "continuous_shrink")
+        for spec in ("data=2,tensor=4",) if one else ("data=8", "data=2,tensor=4", "tensor=8"):
             res = fn(MS.make_mesh(spec))
             out["runs"][f"{mode} {spec}"] = dict(
                 same=[r.token_ids for r in res] == [r.token_ids for r in ref],
                 logp=max(float(np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max(initial=0))
                          for a, b in zip(res, ref)))
+    out["shrinks"] = [m is not None for m in shrinks]
     cache = S._init_cache(cfg=cfg, B=8, S=32, place=S.placement(cfg, MS.make_mesh("data=2,tensor=4")))
     out["cache_sharding"] = str(cache.k[0].sharding.spec)
     pl = S.place_params(params, cfg, MS.make_mesh("data=2,tensor=4"))

@@ -69,3 +69,26 @@ def test_inserting_prompts_does_not_recompile(llama):
     res = S.generate(params, cfg, tok, _prompts(13, 3), max_new_tokens=_limits(13, 3), **{**kw, "temperature": 0.0})
     assert dict(S.TRACES) == before
     assert before["insert"] >= 1 and len(res) == 13
+
+
+def test_cache_shrinks_when_long_prompts_are_done(llama, monkeypatch):
+    """Long prompts first, then short ones: once the running rows and the queue fit half the prompt slots, the
+    batch decodes over a smaller cache (`_shrink`); greedy output stays identical to static batching, sampled
+    output to a single static batch."""
+    cfg, params, tok = llama
+    rng = np.random.default_rng(5)
+    prompts = [" ".join(rng.choice(WORDS, n)) for n in [30, 28] + [int(x) for x in rng.integers(1, 6, 7)]]
+    lens = [len(t) for t in S.tokenize_prompts(tok, prompts, cfg)[0]]
+    assert S.prompt_bucket(max(lens) - 1) >= 32 and S.prompt_bucket(sorted(lens)[-3] - 1) == 16, lens
+    monkeypatch.setattr(S, "SHRINK_FROM", 32)
+    shrunk, orig = [], S._shrink
+    monkeypatch.setattr(S, "_shrink", lambda st, **k: shrunk.append(k["S"]) or orig(st, **k))
+    lim = _limits(len(prompts), 4)
+    for kw in (dict(), dict(temperature=1.0, top_k=20, repetition_penalty=1.2, no_repeat_ngram=2, seed=3)):
+        ref = S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=16, **kw)
+        shrunk.clear()
+        cont = S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=2, continuous=True, **kw)
+        assert shrunk == [16 + S.new_tokens_bucket(max(lim))]
+        assert [r.token_ids for r in cont] == [r.token_ids for r in ref]
+        for a, b in zip(cont, ref):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

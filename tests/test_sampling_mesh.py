@@ -22,7 +22,8 @@ def test_sharded_generation_equals_one_device(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["n_kv_heads"] == 2
     runs = out["runs"]
-    assert len(runs) == 10
+    assert len(runs) == 11
+    assert out["shrinks"] == [False, True], out["shrinks"]  # the one-device and the mesh run both shrank once
     for name, r in runs.items():
         assert r["same"], (name, r)
         assert r.get("logp", 0.0) <= 1e-5, (name, r)
