@@ -40,6 +40,7 @@ The machine may be shared: ratios in one run are what to compare, absolute numbe
 
     python scripts/bench_sampling.py [--threads N] [--reps 2] [--skip-ref] [--workload-prompts 256]
     python scripts/bench_sampling.py --workload-only --skip-ref   # our static and continuous workload only
+    python scripts/bench_sampling.py --workload-only --skip-ref --shrink-from 1000000   # ... the cache never shrinking
 The last line printed is a JSON object.
 """
 
@@ -158,6 +159,9 @@ def main():
     ap.add_argument("--workload-batch", type=int, default=16, help="our batch size / slots in the workload")
     ap.add_argument("--workload-only", action="store_true", help="only the workload (with --skip-ref: ours only)")
     ap.add_argument("--ref-batch-sizes", default="4,16", help="transformers batch sizes tried in the workload")
+    ap.add_argument("--shrink-from", type=int, default=None,
+                    help="sampling.SHRINK_FROM: prompt slots from which continuous batching shrinks its cache "
+                         "(a huge value: never)")
     args = ap.parse_args()
 
     import torch
@@ -168,6 +172,8 @@ def main():
 
     from selfalign_jax import checkpoint, sampling as S, model as M
 
+    if args.shrink_from is not None:
+        S.SHRINK_FROM = args.shrink_from
     tmp = None
     model_dir = args.model_dir
     if model_dir is None:
