@@ -250,7 +250,8 @@ def main():
     roof, roof_cpu, roof_mm = float(np.median(fr)), float(np.median(fr_cpu)), float(np.median(fr_mm))
     bw = mem_read_rate()
     kv_step = BATCH * M.cache_row_bytes(cfg, Tp + Tn)  # keys, values and slot positions of every layer
-    mem_frac = (4 * matmul_params(cfg) + kv_step) * NEW / dec_s / bw
+    step_bytes = 4 * matmul_params(cfg) + kv_step  # fp32 weights and the cache, read once a step
+    mem_frac = step_bytes * NEW / dec_s / bw
     step_flops = dflops / NEW  # the bound: weight matmuls at their measured fraction, the cache at bw
     bound = step_flops / (mm_step_flops / (roof_mm * peak) + kv_step / bw) / peak
     pre_best = min(pre_s)
@@ -260,8 +261,7 @@ def main():
           f"jitted fp32 2048^3 matmul up to {peak / 1e9:.1f} GFLOP/s; roofline fraction (median over "
           f"{len(fr)} interleaved chunks) {roof:.2f}, per CPU-second {roof_cpu:.2f}; the decode's weight matmuls "
           f"alone {roof_mm:.2f} (decode / matmuls alone {roof / roof_mm:.2f})")
-    step_mib = (4 * matmul_params(cfg) + kv_step) / 2**20
-    print(f"memory: streaming reads {bw / 1e9:.1f} GB/s; the decode reads {step_mib:.0f} MiB a step "
+    print(f"memory: streaming reads {bw / 1e9:.1f} GB/s; the decode reads {step_bytes / 2**20:.0f} MiB a step "
           f"({kv_step / 2**20:.0f} MiB of it KV cache), {mem_frac:.2f} of that bandwidth; roofline fraction if the "
           f"weight matmuls ran as alone and the cache read at full bandwidth, the rest free: {bound:.2f}")
 

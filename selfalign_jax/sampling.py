@@ -71,8 +71,8 @@ Continuous batching (continuous=True)
     decoding goes on until the queue is empty. The cache is a ring: every row writes its next token at the slot
     `end` (mod S), and a new prompt's keys go to the Tp slots before `end`, i.e. the static layout rotated;
     attention is by position, so each row computes what it would alone (the rotation only reorders a sum).
-    Since the queue is longest first, the cache shrinks as it goes: once the running rows' prompt slots and the
-    longest pending prompt's bucket fit half of Tp (from Tp >= SHRINK_FROM = 512 on), every row keeps the last
+    Since the queue is longest first, the cache shrinks as it goes: once the buckets of the running rows' prompts
+    and of the longest pending one fit half of Tp (from Tp >= SHRINK_FROM = 512 on), every row keeps the last
     S' = Tp' + Tn slots of its ring (`_shrink`) and the decode attends over S' slots, not S.
     Compiles: one decode, one insertion per (R, prompt bucket), and those again per cache size a call shrinks
     to (at most log2(Tp_max / 256) sizes); inserting never recompiles. A row's t-th token uses
@@ -548,7 +548,7 @@ def _insert(params, st: State, tokens_RxP, lens_R, slots_R, keys_R, limit_R, tem
 def _shrink(st: State, *, S: int, P: int, place: Placement | None = None) -> State:
     """Continuous batching: the same rows in a cache of S slots and prompts of P columns (both smaller). Each row
     keeps the last S slots of the ring before `end` (the next write then goes to slot 0), which hold all its keys
-    when every running row's prompt slots + limit fit in S; hist keeps its last P prompt columns."""
+    when every running row's prompt tokens + limit fit in S; hist keeps its last P prompt columns."""
     TRACES["shrink"] += 1
     S0 = st.cache.pos_BxS.shape[1]
     idx = (st.cache.end - S + jnp.arange(S)) % S0
@@ -921,14 +921,15 @@ def _run_continuous(job: _Job, order, B, done) -> None:
     st = _empty(jax.random.key(0), cfg=job.cfg, B=B, S=Tp_max + Tn, P=Tp_max + 1, Tn=Tn, place=job.place)
     pending = collections.deque(order)
     slot: dict[int, int] = {}  # row -> prompt index
-    slot_tp: dict[int, int] = {}  # row -> the prompt slots its insert gave it
     stopped = np.ones((B,), bool)
     mult = 1 if job.place is None else job.place.rows
     Tp = Tp_max
     while True:
-        # the queue is longest first: once the running rows and the pending prompts fit half the prompt slots,
-        # decode over a cache half as long (or less)
-        need = max([prompt_bucket(len(ids[pending[0]]) - 1) if pending else 16, *slot_tp.values()])
+        # the queue is longest first: once the running rows' prompts and the pending ones fit half the prompt
+        # slots, decode over a cache half as long (or less); a row's keys are its prompt tokens (the rest of
+        # its insert's padded slots hold none) and its new tokens
+        lens = [len(ids[i]) for i in slot.values()] + ([len(ids[pending[0]])] if pending else [])
+        need = prompt_bucket(max(lens, default=1) - 1)
         if (pending or slot) and Tp >= SHRINK_FROM and need <= Tp // 2:
             Tp = need
             st = _shrink(st, S=Tp + Tn, P=Tp + 1, place=job.place)
@@ -942,7 +943,6 @@ def _run_continuous(job: _Job, order, B, done) -> None:
                                                    place=job.place, penalize_prompt=job.penalize_prompt))
             for r, i in zip(rows, take):
                 slot[r] = i
-                slot_tp[r] = prompt_bucket(len(ids[take[0]]) - 1)
                 stopped[r] = False
         if not slot:
             break
@@ -958,7 +958,6 @@ def _run_continuous(job: _Job, order, B, done) -> None:
             logp = host(st.logp)
             for r in ended:
                 i = slot.pop(r)
-                del slot_tp[r]
                 stopped[r] = True
                 done(i, job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist()))
 

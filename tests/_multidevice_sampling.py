@@ -30,13 +30,13 @@ def main(model_dir: str) -> None:
     shrinks = []
 
     def shrinking(m):  # continuous batching that shrinks its cache once the long prompts are done
-        S.SHRINK_FROM, orig = 32, S._shrink
-        S._shrink = lambda st, **k: shrinks.append(m) or orig(st, **k)
+        shrink_from, orig = S.SHRINK_FROM, S._shrink
+        S.SHRINK_FROM, S._shrink = 32, lambda st, **k: shrinks.append(m) or orig(st, **k)
         try:
             return S.generate(params, cfg, tok, mixed, max_new_tokens=lim[:8], stop=(), batch_size=2, mesh=m,
                               continuous=True)
         finally:
-            S.SHRINK_FROM, S._shrink = 512, orig
+            S.SHRINK_FROM, S._shrink = shrink_from, orig
     out = {"n_kv_heads": cfg.n_kv_heads, "runs": {}}
     modes = {
         "static": lambda m: S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8, mesh=m),
