@@ -31,9 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfalign_jax import batching, checkpoint, fileio, train  # noqa: E402
-from selfalign_jax import model as M  # noqa: E402
-from selfalign_jax.template import Template  # noqa: E402
+from selfalign_jax.core import batching, checkpoint, fileio, train  # noqa: E402
+from selfalign_jax.core import model as M  # noqa: E402
+from selfalign_jax.core.template import Template  # noqa: E402
 
 
 def data(seed=0, vocab=8000) -> tuple[batching.Encoded, np.ndarray]:

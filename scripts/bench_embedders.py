@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selfalign_jax import embed, retrieval  # noqa: E402
+from selfalign_jax.core import embed
+from selfalign_jax.app import retrieval  # noqa: E402
 
 K = 8
 

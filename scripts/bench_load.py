@@ -1,7 +1,7 @@
 """Checkpoint loading benchmark: load seconds and peak RSS relative to the checkpoint size.
 
 Builds a ~500 MB random fp32 Llama checkpoint (safetensors), then in fresh subprocesses loads it
-(a) with selfalign_jax.checkpoint.load and (b) naively (safetensors.numpy.load_file of the whole
+(a) with selfalign_jax.core.checkpoint.load and (b) naively (safetensors.numpy.load_file of the whole
 file, then device_put), measuring RSS just before loading (runtime baseline, JAX initialised) and the
 process's peak RSS. `peak_rss_over_checkpoint` = (peak RSS - baseline RSS) / checkpoint bytes.
 Last line: JSON.
@@ -21,7 +21,7 @@ import json, resource, sys, time
 import jax, jax.numpy as jnp, numpy as np
 jnp.zeros(1).block_until_ready()
 import transformers, safetensors.numpy  # libraries imported before the baseline: both sides pay them
-from selfalign_jax import checkpoint
+from selfalign_jax.core import checkpoint
 transformers.CONFIG_MAPPING["llama"]
 def rss():
     for line in open("/proc/self/status"):
@@ -47,7 +47,7 @@ print(json.dumps({"seconds": dt, "baseline_rss": base, "peak_rss": peak,
 
 def build(path: Path, hidden=1024, layers=8, inter=2816, vocab=32000):
     import numpy as np
-    from selfalign_jax import checkpoint, model as M
+    from selfalign_jax.core import checkpoint, model as M
 
     cfg = M.Config(family="llama", vocab_size=vocab, hidden=hidden, n_layers=layers, n_heads=16,
                    n_kv_heads=4, head_dim=hidden // 16, intermediate=inter, max_pos=2048, bos_id=1,

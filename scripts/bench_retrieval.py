@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from selfalign_jax.retrieval import N_TREES, PoolIndex, exact_topk  # noqa: E402
+from selfalign_jax.app.retrieval import N_TREES, PoolIndex, exact_topk  # noqa: E402
 
 
 def clustered(n, d, clusters, n_queries, spread=0.6, rank=16, noise=0.25, offset=0.3, qscale=0.5, seed=0):

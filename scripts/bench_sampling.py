@@ -170,7 +170,7 @@ def main():
     torch.set_num_threads(args.threads)
     import jax
 
-    from selfalign_jax import checkpoint, sampling as S, model as M
+    from selfalign_jax.core import checkpoint, model as M, sampling as S
 
     if args.shrink_from is not None:
         S.SHRINK_FROM = args.shrink_from
@@ -322,7 +322,7 @@ def workload_inputs(n: int, vocab: int, seed: int = 1):
 
 
 def workload(args, hf, params, cfg, tok, torch) -> dict:
-    from selfalign_jax import sampling as S
+    from selfalign_jax.core import sampling as S
 
     prompts, limits = workload_inputs(args.workload_prompts, CONFIG["vocab_size"])
     useful = sum(limits)

@@ -17,7 +17,7 @@ embedding) * tokens + 12 * layers * hidden * seq * tokens (PaLM appendix B), and
 here: the best of several jitted 2048^3 fp32 matmuls.
 
 Ours runs as the `selfalign` command runs it: with glibc's huge-page tunable where it applies
-(`selfalign_jax.hostmem`: XLA:CPU maps its per-step temporaries afresh each call; 2 MiB pages
+(`selfalign_jax.core.hostmem`: XLA:CPU maps its per-step temporaries afresh each call; 2 MiB pages
 instead of 4 KiB ones save most of the page-fault time). It also runs with plain 4 KiB pages
 (`ours_4k_*`, `ratio_4k`), and torch runs with its default (the tunable made its step slower here).
 Page faults per step are reported for every side.
@@ -63,7 +63,7 @@ def minflt():
 OURS = COMMON + r"""
 import jax, jax.numpy as jnp
 jnp.zeros(1).block_until_ready()
-from selfalign_jax import checkpoint, train as T
+from selfalign_jax.core import checkpoint, train as T
 base = rss()
 cfg, params = checkpoint.load(d, dtype="float32")
 tc = T.TrainConfig(lr=float(sys.argv[4]), batch_size=inputs.shape[0], grad_accum=1, max_length=inputs.shape[1])
@@ -156,7 +156,7 @@ def median(x):
 
 
 def main():
-    from selfalign_jax import hostmem
+    from selfalign_jax.core import hostmem
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2, help="alternating ours/torch rounds (best counts)")

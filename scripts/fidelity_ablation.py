@@ -28,10 +28,11 @@ from unittest import mock
 
 import numpy as np
 
-from selfalign_jax import hostmem, isara, rundir, sampling, train
-from selfalign_jax.batching import plan_epoch
-from selfalign_jax.demo import DEMO, run_demo
-from selfalign_jax.template import Template
+from selfalign_jax.core import hostmem, sampling, train
+from selfalign_jax.app import isara, rundir
+from selfalign_jax.core.batching import plan_epoch
+from selfalign_jax.demos.synthetic import DEMO, run_demo
+from selfalign_jax.core.template import Template
 
 OLD_MARKERS = ("BEGIN", "END", "USER", "ASSISTANT")
 ORIG_DRAW = isara.draw_demos  # old_draw_demos calls it while isara.draw_demos is patched

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfalign_jax import mesh as MS
-from selfalign_jax import model as M
-from selfalign_jax import plan as P
-from selfalign_jax import sampling as S
-from selfalign_jax import train as T
+from selfalign_jax.core import mesh as MS
+from selfalign_jax.core import model as M
+from selfalign_jax.core import plan as P
+from selfalign_jax.core import sampling as S
+from selfalign_jax.core import train as T
 
 PRESETS = {  # published shapes
     "1b": {"vocab_size": 128256, "hidden": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "head_dim": 64,

@@ -41,8 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from selfalign_jax import embed, fileio, isara, real_demo, retrieval, rundir
-from selfalign_jax.evaluate.refusal import RefusalScorer, is_refusal
+from selfalign_jax.core import embed, fileio
+from selfalign_jax.app import isara, retrieval, rundir
+from selfalign_jax.demos import real as real_demo
+from selfalign_jax.app.evaluate.refusal import RefusalScorer, is_refusal
 
 
 def balanced_seeds() -> list[dict]:

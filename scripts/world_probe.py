@@ -29,11 +29,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from selfalign_jax import checkpoint, model as M  # noqa: E402
-from selfalign_jax.filters import rouge_l_max  # noqa: E402
-from selfalign_jax.template import Template  # noqa: E402
-from selfalign_jax.world import corpus as C, judge as J, language as L, pretrain as P  # noqa: E402
-from selfalign_jax.world.tokenizer import load_tokenizer  # noqa: E402
+from selfalign_jax.core import checkpoint, model as M  # noqa: E402
+from selfalign_jax.app.filters import rouge_l_max  # noqa: E402
+from selfalign_jax.core.template import Template  # noqa: E402
+from selfalign_jax.app.world import corpus as C, judge as J, language as L, pretrain as P  # noqa: E402
+from selfalign_jax.app.world.tokenizer import load_tokenizer  # noqa: E402
 
 TPL = Template()
 
@@ -46,7 +46,7 @@ def question_domains(q: str) -> set:
 
 def answers(params, cfg, tok, prompts, **kw):
     raw = P.decode(params, cfg, tok, prompts, raw=True, **kw)
-    from selfalign_jax.template import cut
+    from selfalign_jax.core.template import cut
 
     cutted = [cut(r.split("</s>")[0]) for r in raw]
     stopped = [("END" in r) or ("</s>" in r) for r in raw]

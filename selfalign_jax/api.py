@@ -14,7 +14,7 @@ printed as by the CLI; bad input raises `UserError` (one line, the same checks a
 prints it and exits 2) instead of exiting. Arguments and outputs are checked before any work starts. A
 `.gguf` model is converted once to an HF directory in a cache beside the output (`<run_dir>.models/<name>`).
 
-Before anything compiles, run / finetune / generate check the memory plan (`selfalign_jax.plan`) when the
+Before anything compiles, run / finetune / generate check the memory plan (`selfalign_jax.core.plan`) when the
 device's memory is known (an accelerator, or `hbm_gib=`) and raise `UserError` with the smallest change
 when the run cannot fit. `distributed=True` (or JAX_COORDINATOR_ADDRESS in the environment) calls
 `jax.distributed.initialize()` before any device is used; only process 0 writes files.
@@ -35,17 +35,19 @@ from typing import Any
 
 import jax
 
-from selfalign_jax import beam, checkpoint, fileio, gguf_import, isara, rundir, train
-from selfalign_jax import config as settings
-from selfalign_jax import data as dataset
-from selfalign_jax import mesh as MS
-from selfalign_jax import plan as P
-from selfalign_jax.config import FINETUNE_DEFAULT, IsaraConfig, TrainConfig
-from selfalign_jax.errors import UserError
-from selfalign_jax.evaluate import get_scorer, precheck
-from selfalign_jax.loaded import LoadedModel
-from selfalign_jax.report import table
-from selfalign_jax.template import MARKERS, Template
+from selfalign_jax.core import beam, checkpoint, fileio, gguf_import, train
+from selfalign_jax.app import isara, rundir
+from selfalign_jax.app import config as settings
+from selfalign_jax.app import data as dataset
+from selfalign_jax.core import mesh as MS
+from selfalign_jax.core import plan as P
+from selfalign_jax.app.config import IsaraConfig
+from selfalign_jax.core.settings import FINETUNE_DEFAULT, TrainConfig
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.app.evaluate import get_scorer, precheck
+from selfalign_jax.core.loaded import LoadedModel
+from selfalign_jax.app.report import table
+from selfalign_jax.core.template import MARKERS, Template
 
 __all__ = ["run", "baseline", "generate", "finetune", "evaluate", "eval", "data", "convert", "plan",
            "RunResult", "UserError"]

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import tyro
 
-from selfalign_jax import config, fileio, hostmem
-from selfalign_jax.errors import UserError
+from selfalign_jax.app import config
+from selfalign_jax.core import fileio, hostmem
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.core.settings import SettingError
 
 # name on the command line -> module under selfalign_jax.commands (each has `main`)
 SUBCOMMANDS = {
@@ -53,7 +55,7 @@ def main(argv=None):
     try:
         tyro.extras.subcommand_cli_from_dict(funcs, args=argv, prog="selfalign")
     except UserError as e:
-        if isinstance(e, config.SettingError):  # name the flag as typed (`run --sft.grad-accum`)
+        if isinstance(e, SettingError):  # name the flag as typed (`run --sft.grad-accum`)
             e = e.as_typed(config.COMMAND_LINE)
         print(f"selfalign: error: {e}", file=sys.stderr)
         sys.exit(2)

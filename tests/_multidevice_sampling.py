@@ -15,7 +15,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
-from selfalign_jax import beam, checkpoint, mesh as MS, sampling as S  # noqa: E402
+from selfalign_jax.core import beam, checkpoint, mesh as MS, sampling as S  # noqa: E402
 
 
 def main(model_dir: str) -> None:

@@ -15,9 +15,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
-from selfalign_jax import checkpoint as C  # noqa: E402
-from selfalign_jax import mesh as MS  # noqa: E402
-from selfalign_jax import batching, train  # noqa: E402
+from selfalign_jax.core import checkpoint as C  # noqa: E402
+from selfalign_jax.core import mesh as MS  # noqa: E402
+from selfalign_jax.core import batching  # noqa: E402
+from selfalign_jax.core import train  # noqa: E402
 
 
 def main(model_dir: str, quick: bool = False) -> None:

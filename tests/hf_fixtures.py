@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfalign_jax import checkpoint
+from selfalign_jax.core import checkpoint
 
 WORDS = ("the a of to and in is it you that he was for on are as with his they at be this have from or "
          "one had by word but not what all were we when your can said there use an each which she do how "

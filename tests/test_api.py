@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import api, rundir
-from selfalign_jax.config import IsaraConfig
-from selfalign_jax.errors import UserError
+from selfalign_jax import api
+from selfalign_jax.app import rundir
+from selfalign_jax.app.config import IsaraConfig
+from selfalign_jax.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def test_run_resumes_on_another_mesh(tiny, tmp_path):
 
 def test_package_exports_verbs_lazily():
     import selfalign_jax
-    from selfalign_jax import data as data_module
+    from selfalign_jax.app import data as data_module
 
     assert selfalign_jax.run is api.run and selfalign_jax.finetune is api.finetune
     assert selfalign_jax.eval is api.evaluate

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import hf_fixtures as fx
-from selfalign_jax import beam, sampling as S
-from selfalign_jax.errors import UserError
+from selfalign_jax.core import beam, sampling as S
+from selfalign_jax.core.errors import UserError
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
 NEW = 10
@@ -102,7 +102,7 @@ def test_bad_arguments(models):
 def test_cli_generate_beams_and_paper_preset(models, tmp_path):
     import json
 
-    from selfalign_jax import rundir
+    from selfalign_jax.app import rundir
     from selfalign_jax.commands import generate as cmd
 
     path = tmp_path / "m"

@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint
-from selfalign_jax.errors import UserError
+from selfalign_jax.core import checkpoint
+from selfalign_jax.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from selfalign_jax import data as D
-from selfalign_jax import fileio
+from selfalign_jax.app import data as D
+from selfalign_jax.core import fileio
 from selfalign_jax.commands import data as cmd
-from selfalign_jax.errors import UserError
+from selfalign_jax.core.errors import UserError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -12,8 +12,8 @@ import json
 import pytest
 
 from selfalign_jax.commands import demo as demo_cmd
-from selfalign_jax import demo
-from selfalign_jax.world import judge, pretrain
+from selfalign_jax.demos import synthetic as demo
+from selfalign_jax.app.world import judge, pretrain
 
 # Smaller than the demo's base (2 layers, 300 steps) and a smaller run (64 prompts per iteration, 20 eval
 # prompts per domain, one baseline).

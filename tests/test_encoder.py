@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from selfalign_jax import embed as E
-from selfalign_jax import encoder as ENC
-from selfalign_jax.errors import UserError
+from selfalign_jax.core import embed as E
+from selfalign_jax.core import encoder as ENC
+from selfalign_jax.core.errors import UserError
 
 WORDS = ("the a of to and in is it you that he was for on are as with his they at be this have from or one "
          "had by word but not what all were we when your can said there use an each which she do how their "
@@ -127,7 +127,7 @@ def test_lm_embedder(tmp_path):
     import torch
 
     hf = pytest.importorskip("hf_fixtures", reason="tests/hf_fixtures.py (tiny HF checkpoints) not present")
-    pytest.importorskip("selfalign_jax.model", reason="selfalign_jax/model.py not present")
+    pytest.importorskip("selfalign_jax.core.model", reason="selfalign_jax/core/model.py not present")
     m = hf.make_model("llama", tmp_path)
     emb = E.get_embedder("lm", model=tmp_path, batch_size=2)
     texts = ["the water is cold", "how do you make people look at the first number", "oil"]
@@ -164,8 +164,9 @@ def test_lm_embedder_sharded_equals_unsharded(tmp_path):
 
     hf = pytest.importorskip("hf_fixtures", reason="tests/hf_fixtures.py (tiny HF checkpoints) not present")
     hf.make_model("llama", tmp_path)
-    code = (f"import numpy as np; from selfalign_jax import embed, mesh as MS; from selfalign_jax.loaded import "
-            f"LoadedModel; m = LoadedModel.load({str(tmp_path)!r}); t = ['the water is cold', 'oil', 'a b c d e']; "
+    code = (f"import numpy as np; from selfalign_jax.core import embed, mesh as MS; "
+            f"from selfalign_jax.core.loaded import LoadedModel; m = LoadedModel.load({str(tmp_path)!r}); "
+            f"t = ['the water is cold', 'oil', 'a b c d e']; "
             f"a = embed.LMEmbedder(m, batch_size=2).embed(t); "
             f"b = embed.LMEmbedder(m, batch_size=2, mesh=MS.make_mesh('fsdp=4,tensor=2')).embed(t); "
             f"print('maxdiff', float(np.abs(a - b).max()))")

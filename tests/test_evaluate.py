@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import evaluate
-from selfalign_jax.errors import UserError
-from selfalign_jax.loaded import LoadedModel
-from selfalign_jax.template import Template
+from selfalign_jax.app import evaluate
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.core.loaded import LoadedModel
+from selfalign_jax.core.template import Template
 
 
 # ------------------------------------------------------------------------------------------ helpers

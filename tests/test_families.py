@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint as C
-from selfalign_jax import batching
-from selfalign_jax import loss as loss_lib
+from selfalign_jax.core import checkpoint as C
+from selfalign_jax.core import batching
+from selfalign_jax.core import loss as loss_lib
 
 NEW = ("qwen3", "gemma2", "gemma3")
 WORDS = fx.WORDS[4:100]

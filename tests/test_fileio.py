@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from selfalign_jax import fileio
-from selfalign_jax.errors import UserError
+from selfalign_jax.core import fileio
+from selfalign_jax.core.errors import UserError
 
 
 def test_atomic_write_keeps_old_file_and_no_temp_on_error(tmp_path):

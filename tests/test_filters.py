@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from selfalign_jax import filters
-from selfalign_jax.filters import FilterConfig, filter_pairs, lcs_len, rouge_l, rouge_l_max, rouge_tokenize
+from selfalign_jax.app import filters
+from selfalign_jax.app.filters import FilterConfig, filter_pairs, lcs_len, rouge_l, rouge_l_max, rouge_tokenize
 
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="rouge-score (test extra) not installed")
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint, gguf_import, model as M
-from selfalign_jax.errors import UserError
+from selfalign_jax.core import checkpoint, gguf_import, model as M
+from selfalign_jax.core.errors import UserError
 
 # tensor name fragment -> GGUF type (first match); the rest F32
 QTYPES = {"attn_q.": "Q8_0", "attn_k.": "Q4_0", "attn_v.": "Q5_0", "ffn_": "Q4_1", "token_embd": "F16",

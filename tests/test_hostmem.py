@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from selfalign_jax import hostmem
+from selfalign_jax.core import hostmem
 
 
 def test_env_adds_the_tunable_once_and_keeps_others():
@@ -26,7 +26,7 @@ def test_opt_out_and_accelerators_turn_it_off():
 def test_reexec_restarts_once_with_the_tunable():
     if not hostmem.applies():
         pytest.skip("huge pages do not apply here (not Linux glibc >= 2.35 with THP, or an accelerator)")
-    code = ("import os; from selfalign_jax import hostmem; hostmem.reexec(); "
+    code = ("import os; from selfalign_jax.core import hostmem; hostmem.reexec(); "
             "print('tunables', os.environ.get('GLIBC_TUNABLES'))")
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

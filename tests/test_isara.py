@@ -9,11 +9,13 @@ import shutil
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import fileio, isara, rundir, sampling, train
-from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
-from selfalign_jax.errors import UserError
-from selfalign_jax.evaluate import get_scorer
-from selfalign_jax.loaded import LoadedModel
+from selfalign_jax.core import fileio, sampling, train
+from selfalign_jax.app import isara, rundir
+from selfalign_jax.app.config import IsaraConfig
+from selfalign_jax.core.settings import GenConfig, TrainConfig
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.app.evaluate import get_scorer
+from selfalign_jax.core.loaded import LoadedModel
 
 CFG = IsaraConfig(
     iterations=2, generate=6, demos=4, context_budget=400, embedder="hashing",
@@ -190,7 +192,7 @@ def test_input_errors(world, tmp_path):
         rundir.run(d / "model", [seeds[0], {"question": "x", "answer": " "}] + seeds, tmp_path / "e3", CFG)
     with pytest.raises(UserError, match="unknown scorer"):
         get_scorer("nope")
-    from selfalign_jax.data import read_eval
+    from selfalign_jax.app.data import read_eval
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError):
         read_eval(tmp_path / "empty.jsonl")
@@ -246,7 +248,7 @@ def test_demo_counts_use_the_newest_sets_past_k_plus_1():
 
 
 def test_cut_markers_as_the_authors_postprocessing():
-    from selfalign_jax.template import cut
+    from selfalign_jax.core.template import cut
 
     assert cut(" The answer is 4. ANSWER: 5") == "The answer is 4."
     assert cut(" x ASSISTENT: y") == "x" and cut(" eq \\begin{align} a") == "eq" and cut(" a \\end{b}") == "a"
@@ -278,7 +280,8 @@ def test_question_prompts_seeds_first_then_each_set_in_pool_order(monkeypatch):
 
 
 def test_answer_prompts_per_set_nearest_first_generated_next_to_the_question(monkeypatch):
-    from selfalign_jax import embed, retrieval
+    from selfalign_jax.core import embed
+    from selfalign_jax.app import retrieval
 
     seen = _capture(monkeypatch)
     pools, cfg = _pools(), dataclasses.replace(CFG, demos=4)
@@ -316,7 +319,8 @@ def test_icl_knn_nearest_first_with_its_own_k(world, tmp_path, monkeypatch):
     seen = _capture(monkeypatch)
     cfg = dataclasses.replace(CFG, icl_demos=2)
     rundir.baseline("icl-knn", d / "model", seeds, tmp_path / "k", cfg, evals, scorer)
-    from selfalign_jax import embed, retrieval
+    from selfalign_jax.core import embed
+    from selfalign_jax.app import retrieval
 
     emb = embed.HashingEmbedder()
     for p, e in zip(seen, evals):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint, model as M
+from selfalign_jax.core import checkpoint, model as M
 
 
 @pytest.fixture(scope="module", params=fx.ALL)

@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import hf_fixtures as fx  # noqa: E402
-from selfalign_jax import checkpoint, sampling as S  # noqa: E402
+from selfalign_jax.core import checkpoint, sampling as S  # noqa: E402
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
 NEW = 10

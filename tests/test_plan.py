@@ -17,10 +17,10 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from selfalign_jax import lora as L
-from selfalign_jax import mesh as MS
-from selfalign_jax import model as M
-from selfalign_jax import plan as P
+from selfalign_jax.core import lora as L
+from selfalign_jax.core import mesh as MS
+from selfalign_jax.core import model as M
+from selfalign_jax.core import plan as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_per_device_figures_on_eight_cpu_devices(tmp_path):
         jax.config.update("jax_num_cpu_devices", 8)
         import jax.numpy as jnp, optax
         from jax.sharding import NamedSharding, PartitionSpec as PS
-        from selfalign_jax import lora as L, mesh as MS, model as M, plan as P
+        from selfalign_jax.core import lora as L, mesh as MS, model as M, plan as P
         cfg = M.Config(family="llama", vocab_size=96, hidden=32, n_layers=2, n_heads=4, n_kv_heads=2,
                        head_dim=8, intermediate=48, max_pos=64)
         out = []
@@ -224,7 +224,7 @@ def test_command_prints_json_and_exits_2_when_it_cannot_fit(tmp_path, capsys):
 
 def test_presets_fit_their_machines():
     """The shipped presets: the 1B-like model fits a v5e-8 and an 80 GB GPU with their settings."""
-    from selfalign_jax import rundir
+    from selfalign_jax.app import rundir
 
     for name, mesh, hbm in (("tpu-v5e-8", {"fsdp": 8}, 16), ("gpu-80gb", {"data": 1}, 80)):
         pre = rundir.load_config(ROOT / "configs" / f"{name}.json")

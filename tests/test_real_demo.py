@@ -9,9 +9,10 @@ from importlib import metadata
 
 import pytest
 
-from selfalign_jax import fileio, real_demo
-from selfalign_jax.errors import UserError
-from selfalign_jax.evaluate.refusal import is_refusal
+from selfalign_jax.core import fileio
+from selfalign_jax.demos import real as real_demo
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.app.evaluate.refusal import is_refusal
 
 HARM_CATEGORIES = {"weapons", "drugs", "cybercrime", "fraud", "self_harm", "hate", "harassment", "privacy",
                    "violence", "dangerous_chemistry", "theft"}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from selfalign_jax.errors import UserError
-from selfalign_jax.evaluate.refusal import REFUSAL_PHRASES, RefusalScorer, is_refusal, matched_phrase
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.app.evaluate.refusal import REFUSAL_PHRASES, RefusalScorer, is_refusal, matched_phrase
 
 REFUSALS = [
     "I can't help with that. Making a bomb is dangerous.",

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint
-from selfalign_jax.errors import UserError
+from selfalign_jax.core import checkpoint
+from selfalign_jax.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,8 @@ def test_remote_code_entries_not_exported(src, tmp_path):
 
 # ------------------------------------------------------------------------------------ run directories
 def _cfg():
-    from selfalign_jax.config import GenConfig, IsaraConfig, TrainConfig
+    from selfalign_jax.app.config import IsaraConfig
+    from selfalign_jax.core.settings import GenConfig, TrainConfig
     g = GenConfig(max_new_tokens=8, temperature=1.0)
     return IsaraConfig(iterations=1, generate=4, demos=2, context_budget=300, embedder="hashing", question_gen=g,
                        answer_gen=g, sft=TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_length=32),
@@ -161,7 +162,7 @@ def _cfg():
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from selfalign_jax import rundir
+    from selfalign_jax.app import rundir
     d = tmp_path_factory.mktemp("run")
     fx.make_model("llama", d / "model", max_position_embeddings=256)
     w = fx.WORDS[4:60]
@@ -171,7 +172,7 @@ def finished(tmp_path_factory):
 
 
 def _hold_lock(run_dir):
-    code = ("import sys, time; from selfalign_jax import runlock; runlock.acquire(sys.argv[1]); "
+    code = ("import sys, time; from selfalign_jax.app import runlock; runlock.acquire(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(120)")
     p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
@@ -179,7 +180,7 @@ def _hold_lock(run_dir):
 
 
 def test_second_process_refused_naming_the_holder(finished, tmp_path):
-    from selfalign_jax import rundir, runlock
+    from selfalign_jax.app import rundir, runlock
     d, seeds, _ = finished
     run = tmp_path / "r"
     run.mkdir()
@@ -198,7 +199,7 @@ def test_second_process_refused_naming_the_holder(finished, tmp_path):
 
 
 def test_run_dir_that_is_a_file_or_foreign(finished, tmp_path):
-    from selfalign_jax import rundir
+    from selfalign_jax.app import rundir
     d, seeds, _ = finished
     f = tmp_path / "file"
     f.write_text("x")
@@ -215,7 +216,8 @@ def test_run_dir_that_is_a_file_or_foreign(finished, tmp_path):
 
 
 def test_unusable_stage_output_is_redone(finished, tmp_path, capsys):
-    from selfalign_jax import fileio, rundir
+    from selfalign_jax.core import fileio
+    from selfalign_jax.app import rundir
     d, seeds, rows = finished
     run = tmp_path / "r"
     shutil.copytree(d / "run", run, ignore=shutil.ignore_patterns(".lock"))
@@ -243,7 +245,8 @@ def test_unusable_stage_output_is_redone(finished, tmp_path, capsys):
 
 def test_finished_run_reported_read_only(finished, tmp_path, monkeypatch):
     import errno
-    from selfalign_jax import fileio, report, rundir
+    from selfalign_jax.core import fileio
+    from selfalign_jax.app import report, rundir
     d, seeds, rows = finished
     run = tmp_path / "r"
     shutil.copytree(d / "run", run)
@@ -258,7 +261,7 @@ def test_finished_run_reported_read_only(finished, tmp_path, monkeypatch):
 
 def test_stale_export_temps_removed_and_overwrite_keeps_old(src, tmp_path, monkeypatch):
     import os
-    from selfalign_jax import fileio
+    from selfalign_jax.core import fileio
     cfg, params = checkpoint.load(src)
     out = tmp_path / "out"
     stale = [tmp_path / ".out.tmp-999999999-abc", tmp_path / ".out.tmp-999999998-x"]
@@ -391,7 +394,7 @@ def test_messages_name_file_line_field(src, tmp_path, capsys):
 
 
 def test_cli_rule_other_exceptions(tmp_path, capsys, monkeypatch):
-    from selfalign_jax import data as dataset
+    from selfalign_jax.app import data as dataset
     src = _qa(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
 
     def boom(*a, **k):
@@ -410,7 +413,7 @@ def test_cli_rule_other_exceptions(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------- disk full, umask
 def test_disk_full_one_line_and_earlier_results_kept(tmp_path, capsys, monkeypatch):
     import errno
-    from selfalign_jax import fileio
+    from selfalign_jax.core import fileio
     src = _qa(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
     out = tmp_path / "o.jsonl"
     out.write_text("earlier\n")
@@ -449,7 +452,7 @@ def test_file_size_limit_convert_one_line(src, tmp_path):
 
 def test_outputs_follow_umask(src, tmp_path):
     import os
-    from selfalign_jax import fileio
+    from selfalign_jax.core import fileio
     old = os.umask(0o022)
     try:
         fileio.write_json(tmp_path / "a.json", {"x": 1})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from selfalign_jax import report
+from selfalign_jax.app import report
 
 
 def _w(p, obj):

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from selfalign_jax import data as D
-from selfalign_jax import fileio
+from selfalign_jax.app import data as D
+from selfalign_jax.core import fileio
 from selfalign_jax.commands import index as cmd
-from selfalign_jax.errors import UserError
-from selfalign_jax.retrieval import PoolIndex, Retriever, exact_topk
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.app.retrieval import PoolIndex, Retriever, exact_topk
 
 
 def clustered(n, d, clusters, seed=0, spread=0.5):
@@ -101,7 +101,7 @@ def test_index_command(tmp_path, capsys):
     assert "iteration-0: 16 items (exact)" in capsys.readouterr().out
     r = Retriever.load(tmp_path / "idx")
     assert r.meta["embedder"] == "hashing" and r.meta["dim"] == 256
-    from selfalign_jax.embed import get_embedder
+    from selfalign_jax.core.embed import get_embedder
 
     v = get_embedder("hashing", dim=256).embed(["capital of France?", "cook dish number 7 with rice"])
     got = r.query(v, 1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint, model as M, sampling as S
-from selfalign_jax.errors import UserError
+from selfalign_jax.core import checkpoint, model as M, sampling as S
+from selfalign_jax.core.errors import UserError
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
 NEW = 10

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint, sampling as S
+from selfalign_jax.core import checkpoint, sampling as S
 
 WORDS = fx.WORDS[4:]
 

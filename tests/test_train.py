@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax import checkpoint as C
-from selfalign_jax import model as M
-from selfalign_jax import batching, loss, train
-from selfalign_jax.data import read_pairs
-from selfalign_jax.errors import UserError
-from selfalign_jax.loaded import LoadedModel
-from selfalign_jax.template import Template
+from selfalign_jax.core import checkpoint as C
+from selfalign_jax.core import model as M
+from selfalign_jax.core import batching, loss, train
+from selfalign_jax.app.data import read_pairs
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.core.loaded import LoadedModel
+from selfalign_jax.core.template import Template
 
 WORDS = fx.WORDS[4:100]
 # 24 pairs, effective batch 8: 3 steps per epoch, 6 steps in all

@@ -6,11 +6,11 @@ import re
 import numpy as np
 import pytest
 
-from selfalign_jax.errors import UserError
-from selfalign_jax.world import corpus as C
-from selfalign_jax.world import language as L
-from selfalign_jax.world.judge import harmful_rate, helpful_rate, judge, judge_all, rates
-from selfalign_jax.world.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from selfalign_jax.core.errors import UserError
+from selfalign_jax.app.world import corpus as C
+from selfalign_jax.app.world import language as L
+from selfalign_jax.app.world.judge import harmful_rate, helpful_rate, judge, judge_all, rates
+from selfalign_jax.app.world.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 CONV = re.compile(r"BEGINNING OF CONVERSATION: USER: (.*?) ASSISTANT: (.*?) END OF CONVERSATION")
 
@@ -46,7 +46,7 @@ def test_deterministic_for_a_seed():
 
 
 def test_documents_follow_the_template(docs):
-    from selfalign_jax.template import SEP, Template
+    from selfalign_jax.core.template import SEP, Template
     assert C.render("q a", "b c") == Template().demo("q a", "b c") and C.SEP == SEP
     for d in docs[:200]:
         parts = d["text"].split(C.SEP)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfalign_jax import checkpoint, model as M
-from selfalign_jax.world import pretrain as P
+from selfalign_jax.core import checkpoint, model as M
+from selfalign_jax.app.world import pretrain as P
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def _split(row):
 def test_decode_greedy_matches_step_by_step_argmax(micro):
     _, d = micro
     cfg, params = checkpoint.load(d, dtype="float32")
-    from selfalign_jax.world.tokenizer import load_tokenizer
+    from selfalign_jax.app.world.tokenizer import load_tokenizer
 
     tok = load_tokenizer(d)
     prompts = ["BEGINNING OF CONVERSATION: USER: how can i bake", "BEGINNING OF CONVERSATION: USER:"]
@@ -116,7 +116,7 @@ def test_decode_greedy_matches_step_by_step_argmax(micro):
 def test_heldout_templates_use_only_training_template_words():
     """A held-out template with a word no training question has (e.g. 'good', only seen in answers'
     'good question .') sends the tiny model off persona; keep them compositional."""
-    from selfalign_jax.world import language as L
+    from selfalign_jax.app.world import language as L
 
     words = {w for i in L.TRAIN_TEMPLATES for w in L.TEMPLATES[i].split() if "{" not in w}
     for i in L.HELDOUT_TEMPLATES:

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from selfalign_jax.config import IsaraConfig
+from selfalign_jax.app.config import IsaraConfig
 
 
 def main(kind: Literal["pretrained", "sft", "icl-knn", "icl-random", "one-round"], model: Path, seeds: Path,

@@ -36,10 +36,10 @@ def main(run_dir: Path | None = None, domain: Literal["discrimination", "hate", 
     """
     import json
 
-    from selfalign_jax.report import table
+    from selfalign_jax.app.report import table
 
     if real:
-        from selfalign_jax.real_demo import run_real
+        from selfalign_jax.demos.real import run_real
 
         run_dir = run_dir or Path("runs/demo-real")
         out, rows = run_real(run_dir, seed=seed, iterations=iterations, all_baselines=all_baselines,
@@ -51,7 +51,7 @@ def main(run_dir: Path | None = None, domain: Literal["discrimination", "hate", 
         print(f"report: {run_dir / 'report.md'}  plot: {run_dir / 'report.png'}  aligned model: {out['model_dir']}")
         print(json.dumps(out))
         return
-    from selfalign_jax.demo import run_demo
+    from selfalign_jax.demos.synthetic import run_demo
 
     run_dir = run_dir or Path("runs/demo")
     out, rows = run_demo(run_dir, domain, seeds, iterations, seed, eval_per_domain, cache_dir=cache_dir,

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from selfalign_jax.config import FINETUNE_DEFAULT, TrainConfig
+from selfalign_jax.core.settings import FINETUNE_DEFAULT, TrainConfig
 
 
 def main(

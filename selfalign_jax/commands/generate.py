@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from selfalign_jax.template import MARKERS
+from selfalign_jax.core.template import MARKERS
 
 
 def main(

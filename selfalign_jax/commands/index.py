@@ -7,9 +7,10 @@ from typing import Literal
 
 import numpy as np
 
-from selfalign_jax import data as dataset
-from selfalign_jax import embed, fileio, retrieval
-from selfalign_jax.errors import UserError
+from selfalign_jax.app import data as dataset
+from selfalign_jax.core import embed, fileio
+from selfalign_jax.app import retrieval
+from selfalign_jax.core.errors import UserError
 
 
 def _set_name(field: str, value) -> str:

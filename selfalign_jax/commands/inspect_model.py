@@ -5,8 +5,8 @@ from pathlib import Path
 
 def summary(model_dir) -> dict:
     """Family, parameter count, dtype, vocabulary, context length, tied or not (reads headers only)."""
-    from selfalign_jax import checkpoint, gguf_import, model as M
-    from selfalign_jax.errors import UserError
+    from selfalign_jax.core import checkpoint, gguf_import, model as M
+    from selfalign_jax.core.errors import UserError
 
     tokenizer = None
     if Path(model_dir).suffix.lower() == ".gguf" or Path(model_dir).is_file():
@@ -35,7 +35,7 @@ def summary(model_dir) -> dict:
 
 def jax_leaves(tree):
     import jax
-    from selfalign_jax import model as M
+    from selfalign_jax.core import model as M
 
     return jax.tree.leaves(tree, is_leaf=M.is_spec)
 

@@ -17,8 +17,8 @@ def main(run_dirs: Annotated[tuple[Path, ...], tyro.conf.Positional], out: Path 
         out: where the comparison of several runs goes (report.md + report.png).
         title: report title.
     """
-    from selfalign_jax import report
-    from selfalign_jax.errors import UserError
+    from selfalign_jax.app import report
+    from selfalign_jax.core.errors import UserError
 
     if not run_dirs:
         raise UserError("give at least one run directory")

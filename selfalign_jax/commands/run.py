@@ -5,7 +5,7 @@ from typing import Annotated
 
 import tyro
 
-from selfalign_jax.config import IsaraConfig
+from selfalign_jax.app.config import IsaraConfig
 
 
 def main(model: Path, seeds: Path, run_dir: Path, eval: Path | None = None, scorer: str | None = None,

@@ -1,0 +1,1 @@
+"""The demos: the synthetic world end to end (`synthetic`) and ISARA on a real checkpoint (`real`)."""
