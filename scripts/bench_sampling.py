@@ -47,6 +47,8 @@ The last line printed is a JSON object.
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import json
 import os
 import tempfile
@@ -55,10 +57,13 @@ from pathlib import Path
 
 import numpy as np
 
+from selfalign_jax.core.settings import GenConfig
+
 CONFIG = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
               intermediate_size=1408, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
               pad_token_id=0, rms_norm_eps=1e-5, tie_word_embeddings=False)
 BATCH, PROMPT, NEW = 32, 128, 128
+GREEDY_STATIC = GenConfig(max_new_tokens=NEW, temperature=0.0, continuous=False)
 
 
 class IdTokenizer:
@@ -160,8 +165,8 @@ def main():
     ap.add_argument("--workload-only", action="store_true", help="only the workload (with --skip-ref: ours only)")
     ap.add_argument("--ref-batch-sizes", default="4,16", help="transformers batch sizes tried in the workload")
     ap.add_argument("--shrink-from", type=int, default=None,
-                    help="sampling.SHRINK_FROM: prompt slots from which continuous batching shrinks its cache "
-                         "(a huge value: never)")
+                    help="core.generate.continuous.SHRINK_FROM: prompt slots from which continuous batching shrinks "
+                         "its cache (a huge value: never)")
     args = ap.parse_args()
 
     import torch
@@ -170,10 +175,12 @@ def main():
     torch.set_num_threads(args.threads)
     import jax
 
-    from selfalign_jax.core import checkpoint, model as M, sampling as S
+    from selfalign_jax.core import checkpoint, model as M
+    from selfalign_jax.core.generate import cache, continuous, steps
+    from selfalign_jax.core.generate import generate
 
     if args.shrink_from is not None:
-        S.SHRINK_FROM = args.shrink_from
+        continuous.SHRINK_FROM = args.shrink_from
     tmp = None
     model_dir = args.model_dir
     if model_dir is None:
@@ -194,8 +201,8 @@ def main():
         return
 
     def ours():
-        return S.generate(params, cfg, tok, [p.tolist() for p in prompts], max_new_tokens=NEW, temperature=0.0,
-                          stop=(), ignore_eos=True, batch_size=BATCH)
+        return generate(params, cfg, tok, [p.tolist() for p in prompts], GREEDY_STATIC, stop=(), ignore_eos=True,
+                        batch_size=BATCH)
 
     res, first, _ = timed(ours)
     runs = [timed(ours) for _ in range(args.reps)]
@@ -210,22 +217,22 @@ def main():
     # steps, each right after a matmul measurement: both see the same machine load
     p_dec = M.inference_layout(params) if jax.default_backend() == "cpu" else params
     lens = np.full((BATCH,), PROMPT, np.int32)
-    keys = S._row_keys(jax.random.key(0), np.arange(BATCH, dtype=np.uint32))
+    keys = steps.row_keys(jax.random.key(0), np.arange(BATCH, dtype=np.uint32))
     one, zero_i = np.ones(BATCH, np.float32), np.zeros(BATCH, np.int32)
     kw = dict(cfg=cfg, ngram=0, eos=(), pad=0)
-    Tp, Tn = S.prompt_bucket(PROMPT - 1), S.new_tokens_bucket(NEW)
+    Tp, Tn = cache.prompt_bucket(PROMPT - 1), cache.new_tokens_bucket(NEW)
     padded = np.zeros((BATCH, Tp + 1), np.int32)
     padded[:, Tp + 1 - PROMPT:] = prompts
     fr, fr_cpu, dec_s, dec_cpu, pre_s, peak = [], [], 0.0, 0.0, [], 0.0
     mm_only, fr_mm, mm_step_flops = matmul_only_loop(p_dec, BATCH), [], 2 * matmul_params(cfg) * BATCH
 
     def prefill():
-        return S._prefill(p_dec, M.init_cache(cfg, BATCH, Tp + Tn), padded, lens, keys, np.full(BATCH, NEW, np.int32),
-                          one * 0, zero_i, one, one, cfg=cfg)
+        return steps.prefill(p_dec, M.init_cache(cfg, BATCH, Tp + Tn), padded, lens, keys,
+                             np.full(BATCH, NEW, np.int32), one * 0, zero_i, one, one, cfg=cfg)
 
     # warm-up: generate's calls pass other static arguments (place, ...), so these compile anew, untimed
-    jax.block_until_ready(S._decode(p_dec, prefill(), np.int32(NEW), np.zeros(BATCH, bool), **kw))
-    traces = sum(S.TRACES.values())
+    jax.block_until_ready(steps.decode(p_dec, prefill(), np.int32(NEW), np.zeros(BATCH, bool), **kw))
+    traces = sum(steps.TRACES.values())
     for _ in range(args.reps):
         st, t_pre, _ = timed(lambda: jax.block_until_ready(prefill()))
         pre_s.append(t_pre)
@@ -235,7 +242,7 @@ def main():
             mm, mm_cpu = matmul_rate()
             peak = max(peak, mm)
             st, wall, util = timed(lambda: jax.block_until_ready(
-                S._decode(p_dec, st, np.int32(until), np.zeros(BATCH, bool), **kw)))
+                steps.decode(p_dec, st, np.int32(until), np.zeros(BATCH, bool), **kw)))
             fl = decode_flops(cfg, BATCH, PROMPT, step, until)
             fr.append(fl / wall / mm)
             fr_cpu.append(fl / (wall * util) / mm_cpu)
@@ -245,7 +252,7 @@ def main():
             dec_cpu += wall * util / args.reps
             step = until
         assert int(st.step) == NEW
-    assert sum(S.TRACES.values()) == traces, "the timed prefill / decode compiled"
+    assert sum(steps.TRACES.values()) == traces, "the timed prefill / decode compiled"
     dflops = decode_flops(cfg, BATCH, PROMPT, 0, NEW)
     roof, roof_cpu, roof_mm = float(np.median(fr)), float(np.median(fr_cpu)), float(np.median(fr_mm))
     bw = mem_read_rate()
@@ -322,7 +329,7 @@ def workload_inputs(n: int, vocab: int, seed: int = 1):
 
 
 def workload(args, hf, params, cfg, tok, torch) -> dict:
-    from selfalign_jax.core import sampling as S
+    from selfalign_jax.core.generate import generate, steps
 
     prompts, limits = workload_inputs(args.workload_prompts, CONFIG["vocab_size"])
     useful = sum(limits)
@@ -332,8 +339,9 @@ def workload(args, hf, params, cfg, tok, torch) -> dict:
           f"{useful} useful tokens; batch {B}")
 
     def ours(continuous):
-        res = S.generate(params, cfg, tok, prompts, max_new_tokens=limits, stop=(), ignore_eos=True, batch_size=B,
-                         continuous=continuous)
+        gen = dataclasses.replace(GREEDY_STATIC, continuous=continuous)
+        res = generate(params, cfg, tok, prompts, gen, per_prompt={"max_new_tokens": limits}, stop=(), ignore_eos=True,
+                       batch_size=B)
         assert [len(r.token_ids) for r in res] == limits
         return res
 
@@ -345,9 +353,9 @@ def workload(args, hf, params, cfg, tok, torch) -> dict:
         out[f"workload_{name}_s"] = round(wall, 1)
         print(f"workload {'continuous' if cont else 'static'}: {wall:.1f}s, {useful / wall:.1f} useful tok/s, "
               f"cpu util {util:.2f}")
-    S.PROFILE = __import__("collections").Counter()
+    steps.PROFILE = collections.Counter()
     ours(True)
-    prof, S.PROFILE = dict(S.PROFILE), None
+    prof, steps.PROFILE = dict(steps.PROFILE), None
     out.update(workload_ours_prefill_s=round(prof["prefill"], 1), workload_ours_decode_s=round(prof["decode"], 1))
     print(f"workload continuous, each call waited for: prefill {prof['prefill']:.1f}s, decode {prof['decode']:.1f}s")
     out["workload_vs_static"] = round(out["workload_ours_tok_s"] / out["workload_static_tok_s"], 2)

@@ -11,7 +11,7 @@ ITEM: old behaviour -> what is patched (none = the current code; run dirs don't 
         `Template.answer_prompt` (demos reversed; its other callers pass no demos).
   item4 budget: stop at the first demo that does not fit, keep while <= budget -> `isara.fit_budget`.
   item5 markers BEGIN, END, USER, ASSISTANT only; a marker at index 0 IS a cut point -> `isara.MARKERS`,
-        `isara.cut`, `sampling._find_stop` (the world's pretraining and its base-model cache untouched).
+        `isara.cut`, `generate.prompts.find_stop` (the world's pretraining and its base-model cache untouched).
   item6 length-sorted SFT steps -> no patch: `sft.length_grouping=True` in the run config (the old
         `plan_epoch` exactly); packing stays on as in none (same token-normalised gradient).
 """
@@ -28,7 +28,8 @@ from unittest import mock
 
 import numpy as np
 
-from selfalign_jax.core import hostmem, sampling, train
+from selfalign_jax.core import hostmem, train
+from selfalign_jax.core.generate import prompts as gen_prompts
 from selfalign_jax.app import isara, rundir
 from selfalign_jax.core.batching import plan_epoch
 from selfalign_jax.demos.synthetic import DEMO, run_demo
@@ -83,7 +84,8 @@ PATCHES = {"none": [], "item1": [(rundir, "baseline", old_baseline)],
            "item2": [(train, "warmup_steps", old_warmup_steps)],
            "item3": [(isara, "draw_demos", old_draw_demos), (Template, "answer_prompt", old_answer_prompt)],
            "item4": [(isara, "fit_budget", old_fit_budget)],
-           "item5": [(isara, "MARKERS", OLD_MARKERS), (isara, "cut", old_cut), (sampling, "_find_stop", old_find_stop)],
+           "item5": [(isara, "MARKERS", OLD_MARKERS), (isara, "cut", old_cut),
+                     (gen_prompts, "find_stop", old_find_stop)],
            "item6": []}
 
 
@@ -137,7 +139,7 @@ PROBES = {"item1": probe_item1, "item3": probe_item3,
               round(float(train.lr_schedule(dataclasses.replace(cfg.sft, lr=1.0), 2)(s)), 3) for s in range(2)]),
           # the demos kept of lengths [4, 10, 3] and of [8] under a budget of 8 words
           "item4": lambda cfg: (fit_words([4, 10, 3]), fit_words([8])),
-          "item5": lambda cfg: [(isara.cut(s), sampling._find_stop(s, isara.MARKERS))  # (cut text, stop index)
+          "item5": lambda cfg: [(isara.cut(s), gen_prompts.find_stop(s, isara.MARKERS))  # (cut text, stop index)
                                 for s in ("What is the ANSI \\begin{x} ASSISTENT: y", "USER: hello ASSISTANT: hi")],
           # each step's example lengths (sorted), 16 examples, 4 per step
           "item6": lambda cfg, n=np.array([5, 60, 7, 90, 12, 80, 3, 70] * 2): [

@@ -26,7 +26,7 @@ import numpy as np
 from selfalign_jax.core import mesh as MS
 from selfalign_jax.core import model as M
 from selfalign_jax.core import plan as P
-from selfalign_jax.core import sampling as S
+from selfalign_jax.core.generate import cache as gen_cache, sizing  # noqa: E402
 from selfalign_jax.core import train as T
 
 PRESETS = {  # published shapes
@@ -110,11 +110,11 @@ def main():
 def check_prefill(cfg: M.Config, rows: int, prompt_len: int, new: int) -> None:
     """plan.gen_bytes' working memory against XLA's temporaries of the sampler's prefill (one device)."""
     gb = P.gen_bytes(cfg, P.GenSettings(batch_size=rows, prompt_len=prompt_len, max_new_tokens=new, dtype=cfg.dtype))
-    Tp, Tn = S.cache_lengths(prompt_len, new)
+    Tp, Tn = sizing.cache_lengths(prompt_len, new)
     params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
     cache = jax.eval_shape(lambda: M.init_cache(cfg, rows, Tp + Tn))
     tokens = jax.ShapeDtypeStruct((rows, Tp), jnp.int32)
-    f = jax.jit(S._prefill_cache, static_argnames="cfg", donate_argnames="cache")
+    f = jax.jit(gen_cache.prefill_cache, static_argnames="cfg", donate_argnames="cache")
     ma = f.lower(params, cfg=cfg, tokens_BxT=tokens, pos_BxT=tokens, cache=cache).compile().memory_analysis()
     mib = 1 << 20
     print(f"{jax.devices()[0].platform}: prefill of {rows} x {Tp} prompt slots (+{Tn} new), {cfg.n_layers} layers, "

@@ -35,14 +35,15 @@ from typing import Any
 
 import jax
 
-from selfalign_jax.core import beam, checkpoint, fileio, gguf_import, train
+from selfalign_jax.core import checkpoint, fileio, gguf_import, train
+from selfalign_jax.core import generate as G
 from selfalign_jax.app import isara, rundir
 from selfalign_jax.app import config as settings
 from selfalign_jax.app import data as dataset
 from selfalign_jax.core import mesh as MS
 from selfalign_jax.core import plan as P
 from selfalign_jax.app.config import IsaraConfig
-from selfalign_jax.core.settings import FINETUNE_DEFAULT, TrainConfig
+from selfalign_jax.core.settings import FINETUNE_DEFAULT, GENERATE_DEFAULT, GenConfig, TrainConfig
 from selfalign_jax.core.errors import UserError
 from selfalign_jax.app.evaluate import get_scorer, precheck
 from selfalign_jax.core.loaded import LoadedModel
@@ -242,17 +243,22 @@ def _prompt_lines(where: list[str]):
         raise UserError(f"{where[int(m.group(1)) - 1]}: {m.group(2)}") from None
 
 
-def generate(model, prompts, out, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram: int = 0, seed: int = 0,
-             batch_size: int | None = None, stop: tuple[str, ...] = MARKERS, no_stop: bool = False,
-             chat_template: bool = False, truncate: str = "left", dtype: str = "auto", mesh: str | None = None,
-             continuous: bool = False, num_beams: int = 1, do_sample: bool = False, length_penalty: float = 1.0,
-             early_stopping: str | bool = "false", exponential_decay_length_penalty: tuple[int, float] | None = None,
-             hbm_gib: float | None = None, distributed: bool = False) -> list[dict]:
-    """Complete every {"prompt": ...} line of `prompts`; writes (process 0) and returns the rows with "completion"."""
+def generate(model, prompts, out, gen: GenConfig | None = None, seed: int = 0, batch_size: int | None = None,
+             stop: tuple[str, ...] = MARKERS, no_stop: bool = False, chat_template: bool = False,
+             truncate: str = "left", dtype: str = "auto", mesh: str | None = None, hbm_gib: float | None = None,
+             distributed: bool = False, **gen_overrides) -> list[dict]:
+    """Complete every {"prompt": ...} line of `prompts`; writes (process 0) and returns the rows with "completion".
+    `gen` (default GENERATE_DEFAULT: greedy) with GenConfig fields in `gen_overrides` replaced."""
     model, prompts, out = Path(model), Path(prompts), Path(out)
+    if "early_stopping" in gen_overrides:  # the command line spells it false / true / never
+        es = gen_overrides["early_stopping"]
+        gen_overrides["early_stopping"] = {"false": False, "true": True}.get(es, es)
+    try:
+        gen = dataclasses.replace(gen or GENERATE_DEFAULT, **gen_overrides)
+    except TypeError as e:
+        raise UserError(f"generate: {e}") from None
     fileio.check_output(out, inputs={"--prompts": prompts, "--model": model})
-    _at_least(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    _at_least(batch_size=batch_size)
     _check_hbm(hbm_gib)
     rows, where = read_prompts(prompts)
     print(f"read {len(rows)} prompts from {prompts}")
@@ -260,20 +266,14 @@ def generate(model, prompts, out, max_new_tokens: int = 128, temperature: float 
     model = hf_model(model, models_cache(out))
     if batch_size:
         check_fits(model, mesh, hbm_gib, gs=P.GenSettings(batch_size=batch_size, prompt_len=2048,
-                                                          max_new_tokens=max_new_tokens,
+                                                          max_new_tokens=gen.max_new_tokens,
                                                           dtype=MS.compute_dtype(dtype)))
     lm = LoadedModel.load(model, dtype)
     t0 = time.perf_counter()
     with _prompt_lines(where):
-        res = beam.generate(lm.params, lm.cfg, lm.tokenizer, [r["prompt"] for r in rows],
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram,
-                            stop=() if no_stop else stop, seed=seed, batch_size=batch_size,
-                            chat_template=chat_template, truncate=truncate, progress=True,
-                            mesh=MS.make_mesh(mesh) if mesh else None, num_beams=num_beams,
-                            do_sample=do_sample or num_beams == 1, length_penalty=length_penalty,
-                            early_stopping={"false": False, "true": True}.get(early_stopping, early_stopping),
-                            exponential_decay_length_penalty=exponential_decay_length_penalty, continuous=continuous)
+        res = G.generate(lm.params, lm.cfg, lm.tokenizer, [r["prompt"] for r in rows], gen,
+                         stop=() if no_stop else stop, seed=seed, batch_size=batch_size, chat_template=chat_template,
+                         truncate=truncate, progress=True, mesh=MS.make_mesh(mesh) if mesh else None)
     dt = time.perf_counter() - t0
     done = [{**row, "completion": r.text} for row, r in zip(rows, res)]
     if MS.is_writer():
@@ -335,7 +335,7 @@ def evaluate(model, data, scorer: str, out=None, max_new_tokens: int = 200, temp
         fileio.check_output(Path(str(out) + ".metrics.json"), "--out (metrics)", inputs={"--data": data})
     rows = dataset.read_eval(data)
     start(distributed)
-    model = hf_model(model, models_cache(out if out is not None else data))
+    model = hf_model(model, models_cache(out) if out is not None else fileio.default_cache_dir() / "models")
     sc = get_scorer(scorer, model=model)
     precheck(sc, rows)
     m = LoadedModel.load(model)

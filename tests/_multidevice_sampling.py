@@ -15,7 +15,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
-from selfalign_jax.core import beam, checkpoint, mesh as MS, sampling as S  # noqa: E402
+from selfalign_jax.core import checkpoint, mesh as MS  # noqa: E402
+from selfalign_jax.core.generate import continuous, cache as gen_cache  # noqa: E402
+from gen_call import generate as gen  # noqa: E402
 
 
 def main(model_dir: str) -> None:
@@ -30,22 +32,22 @@ def main(model_dir: str) -> None:
     shrinks = []
 
     def shrinking(m):  # continuous batching that shrinks its cache once the long prompts are done
-        shrink_from, orig = S.SHRINK_FROM, S._shrink
-        S.SHRINK_FROM, S._shrink = 32, lambda st, **k: shrinks.append(m) or orig(st, **k)
+        shrink_from, orig = continuous.SHRINK_FROM, continuous.shrink
+        continuous.SHRINK_FROM, continuous.shrink = 32, lambda st, **k: shrinks.append(m) or orig(st, **k)
         try:
-            return S.generate(params, cfg, tok, mixed, max_new_tokens=lim[:8], stop=(), batch_size=2, mesh=m,
+            return gen(params, cfg, tok, mixed, max_new_tokens=lim[:8], stop=(), batch_size=2, mesh=m,
                               continuous=True)
         finally:
-            S.SHRINK_FROM, S._shrink = shrink_from, orig
+            continuous.SHRINK_FROM, continuous.shrink = shrink_from, orig
     out = {"n_kv_heads": cfg.n_kv_heads, "runs": {}}
     modes = {
-        "static": lambda m: S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8, mesh=m),
-        "continuous": lambda m: S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8,
+        "static": lambda m: gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8, mesh=m),
+        "continuous": lambda m: gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8,
                                            mesh=m, continuous=True),
         "continuous_shrink": shrinking,
-        "beam": lambda m: beam.generate(params, cfg, tok, prompts[:4], max_new_tokens=8, stop=(), num_beams=4,
+        "beam": lambda m: gen(params, cfg, tok, prompts[:4], max_new_tokens=8, stop=(), num_beams=4,
                                         length_penalty=0.5, batch_size=4, mesh=m),
-        "beam_sample": lambda m: beam.generate(params, cfg, tok, prompts[:4], max_new_tokens=8, stop=(),
+        "beam_sample": lambda m: gen(params, cfg, tok, prompts[:4], max_new_tokens=8, stop=(),
                                                num_beams=3, do_sample=True, top_k=20, seed=3, batch_size=4, mesh=m),
     }
     for mode, fn in modes.items():
@@ -58,9 +60,9 @@ def main(model_dir: str) -> None:
                 logp=max(float(np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max(initial=0))
                          for a, b in zip(res, ref)))
     out["shrinks"] = [m is not None for m in shrinks]
-    cache = S._init_cache(cfg=cfg, B=8, S=32, place=S.placement(cfg, MS.make_mesh("data=2,tensor=4")))
+    cache = gen_cache.init_cache(cfg=cfg, B=8, S=32, place=gen_cache.placement(cfg, MS.make_mesh("data=2,tensor=4")))
     out["cache_sharding"] = str(cache.k[0].sharding.spec)
-    pl = S.place_params(params, cfg, MS.make_mesh("data=2,tensor=4"))
+    pl = gen_cache.place_params(params, cfg, MS.make_mesh("data=2,tensor=4"))
     out["param_sharding"] = {"q": str(pl.layers[0].q.sharding.spec), "k": str(pl.layers[0].k.sharding.spec),
                              "up": str(pl.layers[0].up.sharding.spec)}
     print(json.dumps(out))

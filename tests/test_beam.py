@@ -8,7 +8,10 @@ import pytest
 import torch
 
 import hf_fixtures as fx
-from selfalign_jax.core import beam, sampling as S
+
+from selfalign_jax.core.generate import beam, prompts as gen_prompts
+from gen_call import generate as gen
+from selfalign_jax.core.settings import GenConfig
 from selfalign_jax.core.errors import UserError
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
@@ -41,7 +44,7 @@ def test_beam_search_matches_transformers(models, family):
         settings += [dict(length_penalty=2.0, early_stopping=True), dict(length_penalty=-0.5, early_stopping="never"),
                      dict(exponential_decay_length_penalty=(2, 1.5), repetition_penalty=1.3, no_repeat_ngram=2)]
     for kw in settings:
-        res = beam.generate(params, cfg, tok, PROMPTS, num_beams=4, max_new_tokens=NEW, stop=(), **kw)
+        res = gen(params, cfg, tok, PROMPTS, num_beams=4, max_new_tokens=NEW, stop=(), **kw)
         hf_kw = {("no_repeat_ngram_size" if k == "no_repeat_ngram" else k): v for k, v in kw.items()}
         for p, r in zip(PROMPTS, res):
             assert r.token_ids == _hf_beam(tm, tok, p, num_beams=4, **hf_kw), (family, kw, p)
@@ -53,11 +56,11 @@ def test_eos_hypotheses_and_batching(models):
     # make EOS likely so that hypotheses finish at different lengths
     prompts = PROMPTS + ["time has come", "people water long"]
     kw = dict(num_beams=3, max_new_tokens=NEW, stop=(), exponential_decay_length_penalty=(1, 3.0))
-    res = beam.generate(params, cfg, tok, prompts, batch_size=2, **kw)
+    res = gen(params, cfg, tok, prompts, batch_size=2, **kw)
     assert any(r.finish_reason == "eos" for r in res) and any(len(r.token_ids) < NEW for r in res)
     for p, r in zip(prompts, res):
         assert r.token_ids == _hf_beam(tm, tok, p, num_beams=3, exponential_decay_length_penalty=(1, 3.0)), p
-    assert [r.token_ids for r in beam.generate(params, cfg, tok, prompts, batch_size=8, **kw)] == [
+    assert [r.token_ids for r in gen(params, cfg, tok, prompts, batch_size=8, **kw)] == [
         r.token_ids for r in res]
 
 
@@ -65,15 +68,17 @@ def test_beam_sample(models):
     _, cfg, params, tok = models("llama")
     kw = dict(max_new_tokens=NEW, stop=(), do_sample=True, top_k=50, repetition_penalty=1.2, no_repeat_ngram=3,
               length_penalty=2.0, exponential_decay_length_penalty=(4, 1.6))
-    a = beam.generate(params, cfg, tok, PROMPTS, num_beams=5, seed=1, **kw)
-    b = beam.generate(params, cfg, tok, PROMPTS, num_beams=5, seed=1, batch_size=1, **kw)
-    c = beam.generate(params, cfg, tok, PROMPTS, num_beams=5, seed=2, **kw)
+    a = gen(params, cfg, tok, PROMPTS, num_beams=5, seed=1, **kw)
+    b = gen(params, cfg, tok, PROMPTS, num_beams=5, seed=1, batch_size=1, **kw)
+    c = gen(params, cfg, tok, PROMPTS, num_beams=5, seed=2, **kw)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]  # per key, whatever the batch
     assert [r.token_ids for r in a] != [r.token_ids for r in c]
     # the best-scoring beam is returned: the finished hypotheses are kept best first and generate returns the first
-    job_rows = S._Job(params, cfg, tok, S.tokenize_prompts(tok, PROMPTS, cfg)[0], jax.random.key(1),
-                      *[np.full(3, v, dt) for v, dt in ((1.0, np.float32), (50, np.int32), (1.0, np.float32),
-                                                         (1.2, np.float32))], np.full(3, NEW), 3, (2,), 0, (), 1, None)
+    ids = gen_prompts.tokenize_prompts(tok, PROMPTS, cfg)[0]
+    job_rows = gen_prompts.Job(GenConfig(no_repeat_ngram=3), params, cfg, tok, ids, jax.random.key(1),
+                               *[np.full(3, v, dt) for v, dt in ((1.0, np.float32), (50, np.int32), (1.0, np.float32),
+                                                                  (1.2, np.float32))], np.full(3, NEW), (2,), 0, (), 1,
+                               None)
     order = [0, 1, 2]  # generate sorts by length: the same order here
     st = beam._search(params, *job_rows.rows(order, 4), np.float32(2.0), np.int32(4), np.float32(1.6), cfg=cfg, nb=5,
                       Tn=16, sample=True, early=False, ngram=3, eos=(2,), pad=0, place=None)
@@ -83,9 +88,9 @@ def test_beam_sample(models):
         assert r.token_ids == np.asarray(st.fin_out)[p, 0, :np.asarray(st.fin_len)[p, 0]].tolist()
     # num_beams = 1 is plain sampling (transformers' semantics), also through the beam entry point
     one_kw = {k: v for k, v in kw.items() if k != "exponential_decay_length_penalty"}
-    plain = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.0, top_k=50, seed=4)
-    one = beam.generate(params, cfg, tok, PROMPTS, num_beams=1, seed=4, **one_kw)
-    plain_pen = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.0, top_k=50, seed=4,
+    plain = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.0, top_k=50, seed=4)
+    one = gen(params, cfg, tok, PROMPTS, num_beams=1, seed=4, **one_kw)
+    plain_pen = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.0, top_k=50, seed=4,
                            repetition_penalty=1.2, no_repeat_ngram=3)
     assert [r.token_ids for r in one] == [r.token_ids for r in plain_pen] != [r.token_ids for r in plain]
 
@@ -96,7 +101,7 @@ def test_bad_arguments(models):
                     (dict(num_beams=2, exponential_decay_length_penalty=(3,)), "exponential_decay"),
                     (dict(num_beams=2, do_sample=True, temperature=0.0), "temperature")):
         with pytest.raises(UserError, match=msg):
-            beam.generate(params, cfg, tok, PROMPTS, **kw)
+            gen(params, cfg, tok, PROMPTS, **kw)
 
 
 def test_cli_generate_beams_and_paper_preset(models, tmp_path):
@@ -112,7 +117,7 @@ def test_cli_generate_beams_and_paper_preset(models, tmp_path):
     inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     cmd.main(model=path, prompts=inp, out=out, max_new_tokens=NEW, no_stop=True, num_beams=4, length_penalty=2.0,
              early_stopping="never", mesh="data=1")
-    ref = beam.generate(params, cfg, tok, PROMPTS, num_beams=4, max_new_tokens=NEW, stop=(), length_penalty=2.0,
+    ref = gen(params, cfg, tok, PROMPTS, num_beams=4, max_new_tokens=NEW, stop=(), length_penalty=2.0,
                         early_stopping="never")
     assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == [r.text for r in ref]
     c = rundir.load_config("paper")

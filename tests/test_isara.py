@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax.core import fileio, sampling, train
+from selfalign_jax.core import fileio, train
+from selfalign_jax.core.generate import continuous, prompts as gen_prompts
 from selfalign_jax.app import isara, rundir
 from selfalign_jax.app.config import IsaraConfig
 from selfalign_jax.core.settings import GenConfig, TrainConfig
@@ -255,7 +256,8 @@ def test_cut_markers_as_the_authors_postprocessing():
     assert cut(" a USER: b END OF") == "a"
     assert cut("ANSWER: yes, it is USER: next") == "ANSWER: yes, it is"  # index 0 is no cut point
     assert cut("USER: only") == "USER: only"
-    assert sampling._find_stop("USER: hi", isara.MARKERS) == -1 and sampling._find_stop(" hi ANS", isara.MARKERS) == 4
+    assert gen_prompts.find_stop("USER: hi", isara.MARKERS) == -1
+    assert gen_prompts.find_stop(" hi ANS", isara.MARKERS) == 4
 
 
 def test_budget_skips_a_demo_that_does_not_fit_and_tries_later_ones():
@@ -392,8 +394,8 @@ def test_stages_batch_continuously_unless_beams_or_told_not(world, monkeypatch):
     d, seeds, _, _ = world
     model = LoadedModel.load(d / "model", "float32")
     calls = []
-    orig = sampling._run_continuous
-    monkeypatch.setattr(sampling, "_run_continuous", lambda *a: calls.append(1) or orig(*a))
+    orig = continuous.run
+    monkeypatch.setattr(continuous, "run", lambda *a: calls.append(1) or orig(*a))
     prompts = [s["question"] for s in seeds[:5]]
     key = isara.stage_key(0, 1, "questions")
     greedy = GenConfig(max_new_tokens=6, temperature=0.0)

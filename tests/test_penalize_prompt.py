@@ -1,4 +1,4 @@
-"""sampling.generate(penalize_prompt=False): repetition penalty and n-gram ban over the generated tokens only,
+"""generate with GenConfig(penalize_prompt=False): repetition penalty and n-gram ban over the generated tokens only,
 checked against transformers' own processors applied to the generated part of input_ids."""
 
 import pytest
@@ -6,7 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import hf_fixtures as fx  # noqa: E402
-from selfalign_jax.core import checkpoint, sampling as S  # noqa: E402
+from selfalign_jax.core import checkpoint  # noqa: E402
+  # noqa: E402
+from gen_call import generate as gen  # noqa: E402
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
 NEW = 10
@@ -34,11 +36,11 @@ def test_generated_only_penalties_match_transformers(tmp_path):
             return scores
 
     # prompts that end with the model's own greedy continuation, so whole-prompt penalties bite
-    plain = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
+    plain = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
     prompts = [p + " " + r.text for p, r in zip(PROMPTS, plain)]
     kw = dict(max_new_tokens=NEW, stop=(), repetition_penalty=1.3, no_repeat_ngram=2)
-    ours = S.generate(params, cfg, tok, prompts, penalize_prompt=False, **kw)
-    whole = S.generate(params, cfg, tok, prompts, **kw)
+    ours = gen(params, cfg, tok, prompts, penalize_prompt=False, **kw)
+    whole = gen(params, cfg, tok, prompts, **kw)
     assert [r.token_ids for r in ours] != [r.token_ids for r in whole]  # the prompt's ids made a difference
     for p, r in zip(prompts, ours):
         enc = tok([p], return_tensors="pt")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import hf_fixtures as fx
-from selfalign_jax.core import checkpoint, model as M, sampling as S
+from selfalign_jax.core import checkpoint, model as M
+from selfalign_jax.core.generate import choose, cache as gen_cache, sizing, steps
+from gen_call import generate as gen
 from selfalign_jax.core.errors import UserError
 
 PROMPTS = ["the a of to and in is it you that he was", "word but not what", "one"]
@@ -36,7 +38,7 @@ def _hf_generate(tm, tok, prompts, **kw):
 def test_greedy_matches_transformers(models, family):
     _, tm, cfg, params, tok = models(family)
     ref, ref_logits = _hf_generate(tm, tok, PROMPTS)
-    res = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
+    res = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
     for i, (r, g) in enumerate(zip(res, ref)):
         assert r.token_ids == g, (family, i, r.token_ids, g)
         assert r.finish_reason == ("eos" if g[-1] == 2 else "length")
@@ -51,40 +53,40 @@ def test_chunked_prefill_matches_transformers(models, monkeypatch, request, chun
     """Prefill chunks (32 prompt columns: 4 x 8, or 8 then 2 x 12), each attending to the filled slots in key
     blocks (one block, or blocks of 5): the same tokens as transformers."""
     _, tm, cfg, params, tok = models("mistral")  # sliding window 4: chunk boundaries inside windows
-    monkeypatch.setattr(S, "PREFILL_CHUNK", chunk)
+    monkeypatch.setattr(gen_cache, "PREFILL_CHUNK", chunk)
     monkeypatch.setattr(M, "KEY_BLOCK", key_block)
     prompts = [" ".join(fx.WORDS[4:30]), " ".join(fx.WORDS[40:52])]  # 27 and 13 tokens: 32 columns
-    assert S._chunks(S.prompt_bucket(26)) == chunks
-    S._prefill.clear_cache()  # the module constants are read when tracing: before and after this test
-    request.addfinalizer(S._prefill.clear_cache)
-    before = S.TRACES["prefill"]
-    res = S.generate(params, cfg, tok, prompts, max_new_tokens=NEW, stop=())
-    assert S.TRACES["prefill"] == before + 1
+    assert gen_cache.chunks(gen_cache.prompt_bucket(26)) == chunks
+    steps.prefill.clear_cache()  # the module constants are read when tracing: before and after this test
+    request.addfinalizer(steps.prefill.clear_cache)
+    before = steps.TRACES["prefill"]
+    res = gen(params, cfg, tok, prompts, max_new_tokens=NEW, stop=())
+    assert steps.TRACES["prefill"] == before + 1
     ref, _ = _hf_generate(tm, tok, prompts)
     assert [r.token_ids for r in res] == ref
 
 
 def test_topk1_and_tiny_topp_equal_greedy(models):
     _, _, cfg, params, tok = models("llama")
-    greedy = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
+    greedy = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
-        res = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.3, seed=5, **kw)
+        res = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.3, seed=5, **kw)
         assert [r.token_ids for r in res] == [r.token_ids for r in greedy], kw
-    sampled = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.3, seed=5)
+    sampled = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), temperature=1.3, seed=5)
     assert [r.token_ids for r in sampled] != [r.token_ids for r in greedy]  # the test can fail
 
 
 def test_changing_sampling_params_does_not_recompile(models):
     _, _, cfg, params, tok = models("llama")
-    S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
-    before = dict(S.TRACES)
+    gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
+    before = dict(steps.TRACES)
     for kw in (dict(temperature=0.7), dict(temperature=1.0, top_p=0.9), dict(temperature=0.5, top_k=5),
                dict(temperature=[0.0, 1.0, 2.0], top_p=[1.0, 0.5, 0.8], top_k=[0, 3, 7], repetition_penalty=1.2),
                dict(temperature=0.9, seed=11, stop=("the",))):
-        S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, **{"stop": (), **kw})
-    assert dict(S.TRACES) == before
-    S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), no_repeat_ngram=2)  # static: compiles
-    assert S.TRACES["decode"] == before["decode"] + 1
+        gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, **{"stop": (), **kw})
+    assert dict(steps.TRACES) == before
+    gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), no_repeat_ngram=2)  # static: compiles
+    assert steps.TRACES["decode"] == before["decode"] + 1
 
 
 def _freq(tokens, V):
@@ -94,13 +96,13 @@ def _freq(tokens, V):
 def test_sampled_frequencies_match_softmax():
     N, V = 40000, 6
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0], np.float32)
-    keys = S._row_keys(jax.random.key(0), np.arange(N, dtype=np.uint32))
+    keys = steps.row_keys(jax.random.key(0), np.arange(N, dtype=np.uint32))
     full = lambda a, dt=np.float32: np.full((N,), a, dt)  # noqa: E731
     X = np.broadcast_to(logits, (N, V))
     se = lambda p: 4.5 * np.sqrt(p * (1 - p) / N) + 1e-4  # noqa: E731
 
     def check(T, k, p, expect):
-        got = _freq(S.sample_logits(X, keys, 0, full(T), full(k, np.int32), full(p)), V)
+        got = _freq(choose.sample_logits(X, keys, 0, full(T), full(k, np.int32), full(p)), V)
         assert np.all(np.abs(got - expect) <= se(expect)), (T, k, p, got, expect)
         return got
 
@@ -116,9 +118,9 @@ def test_sampled_frequencies_match_softmax():
     got = check(1.0, 0, 0.8, np.where(np.isin(np.arange(V), [5, 0]), p1, 0) / (p1[5] + p1[0]))
     assert set(np.nonzero(got)[0]) == {0, 5}
     # a different step draws differently, the same step the same
-    a = S.sample_logits(X[:256], keys[:256], 0, full(1.0)[:256], full(0, np.int32)[:256], full(1.0)[:256])
-    b = S.sample_logits(X[:256], keys[:256], 1, full(1.0)[:256], full(0, np.int32)[:256], full(1.0)[:256])
-    c = S.sample_logits(X[:256], keys[:256], 0, full(1.0)[:256], full(0, np.int32)[:256], full(1.0)[:256])
+    a = choose.sample_logits(X[:256], keys[:256], 0, full(1.0)[:256], full(0, np.int32)[:256], full(1.0)[:256])
+    b = choose.sample_logits(X[:256], keys[:256], 1, full(1.0)[:256], full(0, np.int32)[:256], full(1.0)[:256])
+    c = choose.sample_logits(X[:256], keys[:256], 0, full(1.0)[:256], full(0, np.int32)[:256], full(1.0)[:256])
     assert (np.asarray(a) != np.asarray(b)).any() and (np.asarray(a) == np.asarray(c)).all()
 
 
@@ -134,7 +136,7 @@ def test_warpers_match_transformers():
         T = rng.uniform(0.3, 2.0, B).astype(np.float32)
         K = rng.choice(ks, B).astype(np.int32)
         P = rng.choice(ps, B).astype(np.float32)
-        ours = np.asarray(S.warp_logits(logits, T, K, P))
+        ours = np.asarray(choose.warp_logits(logits, T, K, P))
         for b in range(B):
             x = torch.tensor(logits[b:b + 1])
             x = TemperatureLogitsWarper(float(T[b]))(None, x)
@@ -152,7 +154,7 @@ def test_warpers_match_transformers():
     probs = np.array([0.15, 0.5, 0.05, 0.3], np.float32)
     lg = np.log(probs)[None]
     for p, keep in ((0.85, {0, 1, 3}), (0.5, {1}), (0.51, {1, 3}), (0.96, {0, 1, 2, 3}), (1e-6, {1})):
-        w = np.asarray(S.warp_logits(lg, np.ones(1, np.float32), np.zeros(1, np.int32), np.array([p], np.float32)))
+        w = np.asarray(choose.warp_logits(lg, np.ones(1, np.float32), np.zeros(1, np.int32), np.array([p], np.float32)))
         assert set(np.nonzero(np.isfinite(w[0]))[0]) == keep, (p, w)
 
 
@@ -165,7 +167,7 @@ def test_processors_match_transformers():
     ids = rng.integers(0, 5, (B, L))  # small alphabet: many repeated n-grams
     seen = np.zeros((B, V), bool)
     seen[np.arange(B)[:, None], ids] = True
-    ours = np.asarray(S.repetition_penalty(logits, seen, np.full((B,), 1.3, np.float32)))
+    ours = np.asarray(choose.repetition_penalty(logits, seen, np.full((B,), 1.3, np.float32)))
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(ids), torch.tensor(logits)).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
     lens = rng.integers(1, L + 1, B)
@@ -175,7 +177,7 @@ def test_processors_match_transformers():
         hist[b, pad + L - lens[b]:pad + L] = ids[b, :lens[b]]
     start = pad + L - lens
     for n in (1, 2, 3, 4):
-        got = np.asarray(jax.jit(S.ngram_ban, static_argnums=(3, 4))(hist, start, pad + L, n, V))
+        got = np.asarray(jax.jit(choose.ngram_ban, static_argnums=(3, 4))(hist, start, pad + L, n, V))
         for b in range(B):
             row = torch.tensor(ids[b:b + 1, :lens[b]])
             want = ~np.isfinite(NoRepeatNGramLogitsProcessor(n)(row, torch.zeros(1, V)).numpy()[0])
@@ -186,8 +188,8 @@ def test_processors_match_transformers():
 def test_penalty_and_ngram_generation_match_transformers(models):
     _, tm, cfg, params, tok = models("llama")
     kw = dict(repetition_penalty=1.3, no_repeat_ngram=3)
-    res = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), **kw)
-    plain = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
+    res = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), **kw)
+    plain = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
     assert [r.token_ids for r in res] != [r.token_ids for r in plain]  # the processors changed something
     for p, r in zip(PROMPTS, res):  # one row at a time: transformers would count left padding as tokens
         ref, _ = _hf_generate(tm, tok, [p], repetition_penalty=1.3, no_repeat_ngram_size=3)
@@ -201,13 +203,13 @@ def test_stop_strings_cut_exactly(models):
         ws = [w for w in (tok.decode([t], skip_special_tokens=True) for t in ids) if w]
         return " " + " ".join(ws) if ws else ""
 
-    full = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), ignore_eos=True)
+    full = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=(), ignore_eos=True)
     assert [r.text for r in full] == [text_of(r.token_ids) for r in full]
     w0, w1 = full[0].text.split(), full[1].text.split()
     stops = (w0[4][1:] if len(w0[4]) > 2 else w0[4], " ".join(w1[2:4]))  # inside a token; across two tokens
     hits = 0
     for every in (1, 3, 8):
-        res = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=stops, ignore_eos=True,
+        res = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=stops, ignore_eos=True,
                          stop_check_every=every)
         for f, r in zip(full, res):
             k = next((k for k in range(1, NEW + 1) if any(s in text_of(f.token_ids[:k]) for s in stops)), None)
@@ -227,52 +229,53 @@ def test_batches_order_and_determinism(models):
     _, _, cfg, params, tok = models("llama")
     prompts = PROMPTS + ["time has come", "people water long", "long day"]
     kw = dict(max_new_tokens=NEW, stop=(), temperature=1.0, seed=3)
-    one = S.generate(params, cfg, tok, prompts[:4], batch_size=4, **kw)
-    again = S.generate(params, cfg, tok, prompts[:4], batch_size=4, **kw)
-    streamed = S.generate(params, cfg, tok, prompts[:4], batch_size=2, **kw)  # 2 batches, sorted by length
+    one = gen(params, cfg, tok, prompts[:4], batch_size=4, **kw)
+    again = gen(params, cfg, tok, prompts[:4], batch_size=4, **kw)
+    streamed = gen(params, cfg, tok, prompts[:4], batch_size=2, **kw)  # 2 batches, sorted by length
     assert [r.token_ids for r in one] == [r.token_ids for r in again] == [r.token_ids for r in streamed]
-    other = S.generate(params, cfg, tok, prompts[:4], batch_size=4, **{**kw, "seed": 4})
+    other = gen(params, cfg, tok, prompts[:4], batch_size=4, **{**kw, "seed": 4})
     assert [r.token_ids for r in other] != [r.token_ids for r in one]
-    g4 = S.generate(params, cfg, tok, prompts, max_new_tokens=NEW, stop=(), batch_size=4)  # batches of 4 + 2
-    g2 = S.generate(params, cfg, tok, prompts[3:5], max_new_tokens=NEW, stop=(), batch_size=4)
-    g2 += S.generate(params, cfg, tok, prompts[5:], max_new_tokens=NEW, stop=(), batch_size=4)
+    g4 = gen(params, cfg, tok, prompts, max_new_tokens=NEW, stop=(), batch_size=4)  # batches of 4 + 2
+    g2 = gen(params, cfg, tok, prompts[3:5], max_new_tokens=NEW, stop=(), batch_size=4)
+    g2 += gen(params, cfg, tok, prompts[5:], max_new_tokens=NEW, stop=(), batch_size=4)
     assert [r.token_ids for r in g4[3:]] == [r.token_ids for r in g2]
     assert [r.prompt_tokens for r in g4] == [len(tok(p)["input_ids"]) for p in prompts]
-    assert S.generate(params, cfg, tok, [], max_new_tokens=NEW) == []
-    assert [r.token_ids for r in S.generate(params, cfg, tok, PROMPTS, max_new_tokens=0)] == [[], [], []]
+    assert gen(params, cfg, tok, [], max_new_tokens=NEW) == []
+    assert [r.token_ids for r in gen(params, cfg, tok, PROMPTS, max_new_tokens=0)] == [[], [], []]
 
 
 def test_context_limit_and_truncation(models):
     _, _, cfg, params, tok = models("llama")
     assert cfg.max_pos == 64
     long = " ".join(fx.WORDS[4:4 + 70])  # 70 words + BOS = 71 tokens
-    (r,) = S.generate(params, cfg, tok, [long], max_new_tokens=NEW, stop=(), ignore_eos=True, batch_size=4)
+    (r,) = gen(params, cfg, tok, [long], max_new_tokens=NEW, stop=(), ignore_eos=True, batch_size=4)
     assert r.truncated == 71 - 63 and r.prompt_tokens == 63
     assert len(r.token_ids) == 1 and r.finish_reason == "context"  # position 63 is the last one
     ids = tok(long)["input_ids"]
-    (r2,) = S.generate(params, cfg, tok, [[ids[0]] + ids[-62:]], max_new_tokens=NEW, stop=(), ignore_eos=True,
+    (r2,) = gen(params, cfg, tok, [[ids[0]] + ids[-62:]], max_new_tokens=NEW, stop=(), ignore_eos=True,
                        batch_size=4)
     assert r2.token_ids == r.token_ids  # truncation kept BOS and the last 62 tokens
     with pytest.raises(UserError, match="context length"):
-        S.generate(params, cfg, tok, [long], max_new_tokens=NEW, truncate="error")
+        gen(params, cfg, tok, [long], max_new_tokens=NEW, truncate="error")
 
 
 def test_bad_arguments(models):
     _, _, cfg, params, tok = models("llama")
-    for kw, msg in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
-                    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(temperature=[1.0, 2.0]), "one per")):
+    for kw, msg in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top.p"), (dict(top_k=-2), "top.k"),
+                    (dict(repetition_penalty=0.0), "repetition.penalty"), (dict(temperature=[1.0, 2.0]), "one per")):
         with pytest.raises(UserError, match=msg):
-            S.generate(params, cfg, tok, PROMPTS, **kw)
+            gen(params, cfg, tok, PROMPTS, **kw)
 
 
 def test_auto_batch_size():
     cfg = checkpoint.config_from_hf(fx.hf_config("llama").to_dict())
-    b = S.auto_batch_size(cfg, 100, 100, budget_bytes=1 << 30)
+    b = sizing.auto_batch_size(cfg, 100, 100, budget_bytes=1 << 30)
     assert b & (b - 1) == 0 and 1 <= b <= 64
-    small = S.auto_batch_size(cfg, 2000, 200, budget_bytes=4 << 20)
-    assert small < S.auto_batch_size(cfg, 100, 100, budget_bytes=64 << 20)
-    assert S.auto_batch_size(cfg, 100, 100, budget_bytes=1) == 1
-    assert [S.prompt_bucket(n) for n in (1, 16, 17, 256, 257, 300, 513, 1100)] == [16, 16, 32, 256, 384, 384, 640, 1152]
+    small = sizing.auto_batch_size(cfg, 2000, 200, budget_bytes=4 << 20)
+    assert small < sizing.auto_batch_size(cfg, 100, 100, budget_bytes=64 << 20)
+    assert sizing.auto_batch_size(cfg, 100, 100, budget_bytes=1) == 1
+    assert [gen_cache.prompt_bucket(n) for n in (1, 16, 17, 256, 257, 300, 513, 1100)] == [
+        16, 16, 32, 256, 384, 384, 640, 1152]
 
 
 def test_cli_generate(models, tmp_path):
@@ -285,7 +288,7 @@ def test_cli_generate(models, tmp_path):
     out = tmp_path / "out.jsonl"
     cmd.main(model=path, prompts=inp, out=out, max_new_tokens=NEW, no_stop=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    ref = S.generate(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
+    ref = gen(params, cfg, tok, PROMPTS, max_new_tokens=NEW, stop=())
     assert [r["completion"] for r in rows] == [r.text for r in ref]
     assert [(r["id"], r["meta"], r["prompt"]) for r in rows] == [(i, {"k": [i]}, p) for i, p in enumerate(PROMPTS)]
     stop_word = ref[0].text.split()[2]

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
-from selfalign_jax.core import checkpoint, sampling as S
+from selfalign_jax.core import checkpoint
+from selfalign_jax.core.generate import cache as gen_cache, continuous, prompts as gen_prompts, steps
+from gen_call import generate as gen
 
 WORDS = fx.WORDS[4:]
 
@@ -30,8 +32,8 @@ def _limits(n, seed=0):
 def test_greedy_identical_to_static(llama):
     cfg, params, tok = llama
     prompts, lim = _prompts(11), _limits(11)
-    static = S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=4)
-    cont = S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=4, continuous=True)
+    static = gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=4)
+    cont = gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=4, continuous=True)
     assert [r.token_ids for r in cont] == [r.token_ids for r in static]
     assert [r.finish_reason for r in cont] == [r.finish_reason for r in static]
     assert [len(r.token_ids) for r in static if r.finish_reason == "length"] == [
@@ -45,17 +47,17 @@ def test_sampled_independent_of_slots_and_stop_strings(llama):
     prompts, lim = _prompts(9, 1), _limits(9, 1)
     kw = dict(max_new_tokens=lim, temperature=1.0, top_k=20, repetition_penalty=1.2, no_repeat_ngram=2, seed=7,
               stop=())
-    ref = S.generate(params, cfg, tok, prompts, batch_size=16, **kw)  # one static batch
-    got = {b: S.generate(params, cfg, tok, prompts, batch_size=b, continuous=True, **kw) for b in (2, 4)}
+    ref = gen(params, cfg, tok, prompts, batch_size=16, **kw)  # one static batch
+    got = {b: gen(params, cfg, tok, prompts, batch_size=b, continuous=True, **kw) for b in (2, 4)}
     for b, res in got.items():
         assert [r.token_ids for r in res] == [r.token_ids for r in ref], b
-    other = S.generate(params, cfg, tok, prompts, batch_size=2, continuous=True, **{**kw, "seed": 8})
+    other = gen(params, cfg, tok, prompts, batch_size=2, continuous=True, **{**kw, "seed": 8})
     assert [r.token_ids for r in other] != [r.token_ids for r in ref]
     # stop strings: the same cut as static batching (checked every 3 steps on the host)
     stop = (ref[0].text.split()[1],) if len(ref[0].text.split()) > 1 else ("the",)
     kw.update(stop=stop, stop_check_every=3)
-    st = S.generate(params, cfg, tok, prompts, batch_size=4, **kw)
-    ct = S.generate(params, cfg, tok, prompts, batch_size=2, continuous=True, **kw)
+    st = gen(params, cfg, tok, prompts, batch_size=4, **kw)
+    ct = gen(params, cfg, tok, prompts, batch_size=2, continuous=True, **kw)
     assert [(r.text, r.token_ids, r.finish_reason) for r in ct] == [(r.text, r.token_ids, r.finish_reason) for r in st]
     assert any(r.finish_reason == "stop" for r in ct)
 
@@ -63,11 +65,11 @@ def test_sampled_independent_of_slots_and_stop_strings(llama):
 def test_inserting_prompts_does_not_recompile(llama):
     cfg, params, tok = llama
     kw = dict(stop=(), batch_size=4, continuous=True, temperature=0.8)
-    S.generate(params, cfg, tok, _prompts(9, 2), max_new_tokens=_limits(9, 2), **kw)
-    before = dict(S.TRACES)
+    gen(params, cfg, tok, _prompts(9, 2), max_new_tokens=_limits(9, 2), **kw)
+    before = dict(steps.TRACES)
     # other prompts (same length buckets), other limits, other sampling parameters: many insertions, no trace
-    res = S.generate(params, cfg, tok, _prompts(13, 3), max_new_tokens=_limits(13, 3), **{**kw, "temperature": 0.0})
-    assert dict(S.TRACES) == before
+    res = gen(params, cfg, tok, _prompts(13, 3), max_new_tokens=_limits(13, 3), **{**kw, "temperature": 0.0})
+    assert dict(steps.TRACES) == before
     assert before["insert"] >= 1 and len(res) == 13
 
 
@@ -78,17 +80,17 @@ def test_cache_shrinks_when_long_prompts_are_done(llama, monkeypatch):
     cfg, params, tok = llama
     rng = np.random.default_rng(5)
     prompts = [" ".join(rng.choice(WORDS, n)) for n in [30, 28] + [int(x) for x in rng.integers(1, 6, 7)]]
-    lens = [len(t) for t in S.tokenize_prompts(tok, prompts, cfg)[0]]
-    assert S.prompt_bucket(max(lens) - 1) >= 32 and S.prompt_bucket(sorted(lens)[-3] - 1) == 16, lens
-    monkeypatch.setattr(S, "SHRINK_FROM", 32)
-    shrunk, orig = [], S._shrink
-    monkeypatch.setattr(S, "_shrink", lambda st, **k: shrunk.append(k["S"]) or orig(st, **k))
+    lens = [len(t) for t in gen_prompts.tokenize_prompts(tok, prompts, cfg)[0]]
+    assert gen_cache.prompt_bucket(max(lens) - 1) >= 32 and gen_cache.prompt_bucket(sorted(lens)[-3] - 1) == 16, lens
+    monkeypatch.setattr(continuous, "SHRINK_FROM", 32)
+    shrunk, orig = [], continuous.shrink
+    monkeypatch.setattr(continuous, "shrink", lambda st, **k: shrunk.append(k["S"]) or orig(st, **k))
     lim = _limits(len(prompts), 4)
     for kw in (dict(), dict(temperature=1.0, top_k=20, repetition_penalty=1.2, no_repeat_ngram=2, seed=3)):
-        ref = S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=16, **kw)
+        ref = gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=16, **kw)
         shrunk.clear()
-        cont = S.generate(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=2, continuous=True, **kw)
-        assert shrunk == [16 + S.new_tokens_bucket(max(lim))]
+        cont = gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=2, continuous=True, **kw)
+        assert shrunk == [16 + gen_cache.new_tokens_bucket(max(lim))]
         assert [r.token_ids for r in cont] == [r.token_ids for r in ref]
         for a, b in zip(cont, ref):
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

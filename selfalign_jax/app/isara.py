@@ -25,7 +25,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from selfalign_jax.core import beam, train
+from selfalign_jax.core import train
+from selfalign_jax.core import generate as G
 from selfalign_jax.app import filters
 from selfalign_jax.app.config import IsaraConfig
 from selfalign_jax.core.settings import GenConfig
@@ -54,16 +55,8 @@ def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_
     """Completions of `prompts` (text after the prompt, cut at the first template marker)."""
     log(f"{desc}: {len(prompts)} prompts, up to {gen.max_new_tokens} new tokens"
         + (f", {gen.num_beams} beams" if gen.num_beams > 1 else ""))
-    res = beam.generate(model.params, model.cfg, model.tokenizer, prompts,
-                        max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                        top_k=gen.top_k, top_p=gen.top_p, repetition_penalty=gen.repetition_penalty,
-                        no_repeat_ngram=gen.no_repeat_ngram, stop=MARKERS, key=key,
-                        batch_size=batch_size, progress=True, num_beams=gen.num_beams,
-                        do_sample=gen.do_sample or gen.num_beams == 1, length_penalty=gen.length_penalty,
-                        early_stopping=gen.early_stopping,
-                        exponential_decay_length_penalty=gen.exponential_decay_length_penalty,
-                        penalize_prompt=gen.penalize_prompt, continuous=gen.continuous,
-                        mesh=make_mesh(mesh) if mesh else None)
+    res = G.generate(model.params, model.cfg, model.tokenizer, prompts, gen, stop=MARKERS, key=key,
+                     batch_size=batch_size, progress=True, mesh=make_mesh(mesh) if mesh else None)
     return [cut(r.text) for r in res]
 
 

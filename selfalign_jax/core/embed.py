@@ -139,7 +139,7 @@ class LMEmbedder:
 
     def _pool(self, ids_BxT, mask_BxT):
         from selfalign_jax.core import mesh as MS
-        from selfalign_jax.core.sampling import host
+        from selfalign_jax.core.generate.cache import host
 
         mask_BxT = mask_BxT.astype(np.int32)
         if self.mesh is not None:  # every process passes the same texts: replicated inputs, gathered output

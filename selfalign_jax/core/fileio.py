@@ -322,3 +322,8 @@ def records(path) -> Iterator[tuple[str, dict]]:
 def read_jsonl(path) -> list[dict]:
     """Every object of a JSONL (or JSON array) file."""
     return [obj for _, obj in records(path)]
+
+
+def default_cache_dir() -> Path:
+    """The cache of converted and pretrained models: $SELFALIGN_CACHE, else ~/.cache/selfalign-jax."""
+    return Path(os.environ.get("SELFALIGN_CACHE") or Path.home() / ".cache" / "selfalign-jax")

@@ -40,8 +40,8 @@ Estimates (documented, not exact; what the jitted step keeps alive, read from tr
     dtype), the fp32 dh (E), the [E, V] transposed LM head (compute dtype) and its fp32 gradient
     carry, and one chunk of ~loss_chunk positions of fp32 logits (x3: logits, exp, dlogits);
     no [B, T, V] logits exist;
-  * generation: the cache holds the sampler's padded lengths (`sampling.cache_lengths`); working memory
-    per row is `sampling.work_bytes` (the one formula sampling.auto_batch_size uses too): the prefill's
+  * generation: the cache holds the sampler's padded lengths (`sizing.cache_lengths`); working memory
+    per row is `sizing.work_bytes` (the one formula sizing.auto_batch_size uses too): the prefill's
     fp32 scores of one key block and MLP activations of one chunk of prompt tokens, or the decode
     step's fp32 logits (10 x V x 4), whichever is larger.
 A run fits when the total is under `HEADROOM` x hbm (XLA's scratch, fragmentation, the runtime).
@@ -57,7 +57,7 @@ import jax
 
 from selfalign_jax.core import lora as L
 from selfalign_jax.core import model as M
-from selfalign_jax.core import sampling
+from selfalign_jax.core.generate import sizing
 
 HEADROOM = 0.9  # share of the HBM a plan may use
 GIB = 1 << 30
@@ -218,7 +218,7 @@ def gen_bytes(cfg: M.Config, gs: GenSettings, mesh: dict | None = None) -> dict[
     """Bytes per device of sampling a batch (parameters, KV cache, working memory)."""
     m = full_mesh(mesh)
     rows = -(-gs.batch_size // (m["data"] * m["fsdp"]))
-    Tp, Tn = sampling.cache_lengths(gs.prompt_len, gs.max_new_tokens)
+    Tp, Tn = sizing.cache_lengths(gs.prompt_len, gs.max_new_tokens)
     S = Tp + Tn
     t = m["tensor"]
     N = cfg.n_heads // _div(cfg.n_heads, t)
@@ -226,7 +226,7 @@ def gen_bytes(cfg: M.Config, gs: GenSettings, mesh: dict | None = None) -> dict[
     out = {"params": spec_bytes(M.param_specs(cfg), gs.dtype, m),
            "kv_per_sequence": kv_bytes_per_seq(cfg, S, gs.dtype, t),
            "kv_cache": kv_bytes(cfg, gs.batch_size, S, gs.dtype, m),
-           "work": rows * sampling.work_bytes(cfg, Tp, Tn, N, F, _isz(gs.dtype))}
+           "work": rows * sizing.work_bytes(cfg, Tp, Tn, N, F, _isz(gs.dtype))}
     out["total"] = out["params"] + out["kv_cache"] + out["work"]
     return out
 

@@ -128,7 +128,7 @@ FINETUNE_DEFAULT = TrainConfig(dtype="auto", checkpoint_every=200)
 @dataclasses.dataclass(frozen=True)
 class GenConfig:
     """Sampling settings of one generation step (temperature 0 = greedy). num_beams > 1: beam search, or
-    beam-sample with do_sample (transformers' semantics, selfalign_jax/core/beam.py)."""
+    beam-sample with do_sample (transformers' semantics, selfalign_jax/core/generate/beam.py)."""
 
     max_new_tokens: int = 100
     temperature: float = 1.0
@@ -151,6 +151,11 @@ class GenConfig:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("no_repeat_ngram", self.no_repeat_ngram >= 0, "must be >= 0")])
+
+
+# `selfalign generate`'s (and `api.generate`'s) settings where they differ from GenConfig's: greedy, static batches,
+# beam search (not beam-sample) when --num-beams > 1
+GENERATE_DEFAULT = GenConfig(max_new_tokens=128, temperature=0.0, do_sample=False, continuous=False)
 
 
 # where each settings class's fields appear on a command line: IsaraConfig's at the top (`selfalign run

@@ -12,13 +12,13 @@ a temporary directory next to it and renames it into place (a file lock keeps co
 training twice). The default cache is `$SELFALIGN_CACHE` or `~/.cache/selfalign-jax`.
 
 `decode` is a small greedy/temperature sampler (jitted prefill + cached decode loop) used by the
-learnability probe and the tests; the pipeline uses `selfalign_jax.core.sampling`.
+learnability probe and the tests; the pipeline uses `selfalign_jax.core.generate`.
 
 Why its own loop and sampler, not `train.Trainer` and `sampling`: pretraining is next-token loss on every
 token of rows of whole documents from random init, a loss and data layout the SFT trainer (answer-token
 loss on (question, answer) pairs, HF export, resumable Orbax state) does not have; and `decode` works on
 the raw `tokenizers.Tokenizer` pretraining builds (before any HF directory exists), which
-`sampling.generate` (text through a transformers tokenizer) does not take. Folding either in would add
+`core.generate.generate` (text through a transformers tokenizer) does not take. Folding either in would add
 modes to the trainer and the sampler that only this synthetic world uses.
 """
 
@@ -30,7 +30,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 import tempfile
 import time
 from functools import partial
@@ -112,10 +111,6 @@ def cache_key(seed: int = 0, settings: Settings = DEFAULT) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SELFALIGN_CACHE") or Path.home() / ".cache" / "selfalign-jax")
-
-
 def read_meta(model_dir) -> dict | None:
     p = Path(model_dir) / META
     try:
@@ -144,7 +139,7 @@ def _lock(path: Path):
 def ensure_base_model(cache_dir=None, seed: int = 0, settings: Settings = DEFAULT, progress: bool = True,
                       log=print) -> Path:
     """The cached base model directory for (seed, settings), pretraining it first if needed."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else fileio.default_cache_dir()
     key = cache_key(seed, settings)
     out = cache / f"world-base-{key}"
     if _valid(out, key):

@@ -1,14 +1,8 @@
 """Beam search and beam-sample with transformers' `generate(num_beams=...)` semantics, jitted.
 
-API
-    generate(params, cfg, tokenizer, prompts, *, num_beams=1, do_sample=False, length_penalty=1.0,
-             early_stopping=False, exponential_decay_length_penalty=None, max_new_tokens=128, temperature=1.0,
-             top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram=0, stop=MARKERS, seed=0, key=None,
-             batch_size=None, memory_budget=None, chat_template=False, truncate="left", ignore_eos=False,
-             mesh=None, **sampling_kw) -> list[sampling.Result]
-        num_beams=1 is sampling.generate (plain sampling when do_sample, else greedy), as in transformers:
-        the one entry point for a generation config. Result: the best-scoring finished hypothesis (token_ids,
-        logprobs under the unprocessed distribution, text cut before the first stop string).
+Entry: sampler.generate with gen.num_beams > 1 (gen.do_sample: beam-sample) calls run(job, order, batch_size,
+done); a prompt's Result is its best-scoring finished hypothesis (token_ids, logprobs under the unprocessed
+distribution, text cut before the first stop string).
 
 Semantics (transformers v5 `_beam_search`, per prompt, beams as rows of the batch)
     Each step: log_softmax of the logits -> repetition penalty, no-repeat-ngram (on the log-probs, over the
@@ -40,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +41,11 @@ import numpy as np
 
 from selfalign_jax.core import mesh as MS
 from selfalign_jax.core import model as M
-from selfalign_jax.core import sampling
-from selfalign_jax.core.errors import UserError
-from selfalign_jax.core.template import MARKERS
+from selfalign_jax.core.generate.cache import Placement, constrain_cache, host, new_tokens_bucket, prefill_cache
+from selfalign_jax.core.generate.choose import keep_mask, ngram_ban, repetition_penalty
+from selfalign_jax.core.generate.prompts import Job
+from selfalign_jax.core.generate.sizing import batch_rows
+from selfalign_jax.core.generate.steps import TRACES, fresh_rows
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -85,12 +80,12 @@ def _gather(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _constrain(st: BeamState, pl: sampling.Placement | None) -> BeamState:
+def _constrain(st: BeamState, pl: Placement | None) -> BeamState:
     if pl is None:
         return st
     rows = pl.spec(MS.BATCH)
     wsc = jax.lax.with_sharding_constraint
-    return BeamState(cache=sampling._constrain_cache(st.cache, pl), t=wsc(st.t, pl.spec()),
+    return BeamState(cache=constrain_cache(st.cache, pl), t=wsc(st.t, pl.spec()),
                      **{f.name: wsc(getattr(st, f.name), rows) for f in dataclasses.fields(BeamState)
                         if f.name not in ("cache", "t")})
 
@@ -103,7 +98,7 @@ def _warp(x_RxV, temperature_R, top_k_R, top_p_R, keep_min: int):
     """transformers' Temperature -> TopK -> TopP warpers with min_tokens_to_keep = keep_min."""
     z = x_RxV / temperature_R[:, None]
     k = jnp.where(top_k_R > 0, jnp.maximum(top_k_R, keep_min), 0)
-    keep = sampling._keep(z, k, top_p_R)
+    keep = keep_mask(z, k, top_p_R)
     kth = jax.lax.top_k(z, keep_min)[0][:, -1:]
     keep |= (z >= kth) & (top_p_R < 1)[:, None]  # TopP's min_tokens_to_keep
     return jnp.where(keep, z, -jnp.inf)
@@ -113,15 +108,15 @@ def _warp(x_RxV, temperature_R, top_k_R, top_p_R, keep_min: int):
                                              "penalize_prompt"))
 def _search(params, tokens_nxP, lens_n, keys_n, limit_n, temperature_n, top_k_n, top_p_n, penalty_n, length_penalty,
             decay_start, decay_factor, *, cfg: M.Config, nb: int, Tn: int, sample: bool, early, ngram: int,
-            eos: tuple[int, ...], pad: int, place: sampling.Placement | None,
+            eos: tuple[int, ...], pad: int, place: Placement | None,
             penalize_prompt: bool = True) -> BeamState:
-    sampling.TRACES["beam"] += 1
+    TRACES["beam"] += 1
     n, P = tokens_nxP.shape
     Tp, V, R = P - 1, cfg.vocab_size, n * nb
     K = _min_keep(eos) * nb
-    fresh, valid = sampling._fresh_rows(tokens_nxP, lens_n, Tn, V, pad, penalize_prompt)
-    cache = sampling._prefill_cache(params, cfg, tokens_nxP[:, :Tp], M.positions(valid)[:, :Tp],
-                             sampling._constrain_cache(M.init_cache(cfg, n, Tp + Tn), place))
+    fresh, valid = fresh_rows(tokens_nxP, lens_n, Tn, V, pad, penalize_prompt)
+    cache = prefill_cache(params, cfg, tokens_nxP[:, :Tp], M.positions(valid)[:, :Tp],
+                          constrain_cache(M.init_cache(cfg, n, Tp + Tn), place))
     rep = lambda x: jnp.repeat(x, nb, axis=0)  # noqa: E731
     cache = M.Cache(k=[rep(x) for x in cache.k], v=[rep(x) for x in cache.v], pos_BxS=rep(cache.pos_BxS),
                     end=cache.end)
@@ -141,9 +136,9 @@ def _search(params, tokens_nxP, lens_n, keys_n, limit_n, temperature_n, top_k_n,
         t = st.t
         h, cache = M.apply(params, cfg, st.last[:, None], st.pos[:, None], st.cache)
         raw = jax.nn.log_softmax(M.logits(params, cfg, h[:, 0]).astype(jnp.float32), axis=-1)  # [R, V]
-        x = sampling.repetition_penalty(raw, st.seen, per_row(penalty_n))
+        x = repetition_penalty(raw, st.seen, per_row(penalty_n))
         if ngram > 0:
-            x = jnp.where(sampling.ngram_ban(st.hist, per_row(start), P + t, ngram, V), -jnp.inf, x)
+            x = jnp.where(ngram_ban(st.hist, per_row(start), P + t, ngram, V), -jnp.inf, x)
         if eos:
             e = x[:, eos_a]
             pen = jnp.abs(e) * (decay_factor ** (t - decay_start).astype(jnp.float32) - 1.0)
@@ -218,76 +213,19 @@ def _search(params, tokens_nxP, lens_n, keys_n, limit_n, temperature_n, top_k_n,
     return jax.lax.while_loop(lambda st: jnp.any(st.active) & (st.t < Tn), body, _constrain(st, place))
 
 
-def generate(params: M.Params, cfg: M.Config, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *,
-             num_beams: int = 1, do_sample: bool = False, length_penalty: float = 1.0, early_stopping=False,
-             exponential_decay_length_penalty: tuple[int, float] | None = None, max_new_tokens=128,
-             temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram: int = 0,
-             stop: Sequence[str] = MARKERS, seed: int = 0, key=None, batch_size: int | None = None,
-             memory_budget: int | None = None, chat_template: bool = False, truncate: str = "left",
-             ignore_eos: bool = False, mesh=None, in_out_weights: bool | None = None, progress: bool = False,
-             penalize_prompt: bool = True, continuous: bool = False, **sampling_kw) -> list[sampling.Result]:
-    """Beam search (do_sample=False) or beam-sample (do_sample=True); num_beams=1: sampling.generate (with
-    temperature 0 unless do_sample; continuous: continuous batching, which beams do not use). See the module
-    docstring."""
-    if num_beams < 1:
-        raise UserError(f"num_beams must be >= 1, got {num_beams}")
-    if early_stopping not in (True, False, "never"):
-        raise UserError(f"early_stopping: expected true, false or \"never\", got {early_stopping!r}")
-    if exponential_decay_length_penalty is not None:
-        if len(exponential_decay_length_penalty) != 2 or exponential_decay_length_penalty[1] <= 0:
-            raise UserError("exponential_decay_length_penalty: expected [start, factor] with factor > 0")
-    common = dict(max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                  no_repeat_ngram=no_repeat_ngram, stop=stop, seed=seed, key=key, batch_size=batch_size,
-                  memory_budget=memory_budget, chat_template=chat_template, truncate=truncate, ignore_eos=ignore_eos,
-                  mesh=mesh, in_out_weights=in_out_weights, progress=progress, penalize_prompt=penalize_prompt)
-    if num_beams == 1:
-        if exponential_decay_length_penalty is not None:
-            raise UserError("exponential_decay_length_penalty needs num_beams > 1 here")
-        return sampling.generate(params, cfg, tokenizer, prompts, temperature=temperature if do_sample else 0.0,
-                                 continuous=continuous, **common, **sampling_kw)
-    n = len(prompts)
-    limit = sampling._per_prompt("max_new_tokens", max_new_tokens, n, np.int64)
-    temp = sampling._per_prompt("temperature", temperature, n, np.float32)
-    topk = sampling._per_prompt("top_k", top_k, n, np.int32)
-    topp = sampling._per_prompt("top_p", top_p, n, np.float32)
-    pen = sampling._per_prompt("repetition_penalty", repetition_penalty, n, np.float32)
-    if (limit < 0).any() or no_repeat_ngram < 0 or (topk < 0).any() or (pen <= 0).any():
-        raise UserError("max_new_tokens, no_repeat_ngram, top_k must be >= 0, repetition_penalty > 0")
-    if do_sample and ((temp <= 0).any() or ((topp <= 0) | (topp > 1)).any()):
-        raise UserError("beam-sample needs temperature > 0 and top_p in (0, 1]")
-    stop = tuple(s for s in (stop or ()) if s)
-    key = jax.random.key(seed) if key is None else key
-    ids, truncated = sampling.tokenize_prompts(tokenizer, prompts, cfg, chat_template, truncate)
-    results: list[sampling.Result | None] = [None] * n
-    for i in range(n):
-        if limit[i] == 0:
-            results[i] = sampling.Result("", [], [], "length", len(ids[i]), truncated[i])
-    order = sorted((i for i in range(n) if limit[i] > 0), key=lambda i: -len(ids[i]))
-    if not order:
-        return results
-    params, place = sampling.prepare(params, cfg, mesh, in_out_weights)
-    eos = sampling.eos_ids(cfg, tokenizer, ignore_eos)
-    pad = int(cfg.pad_id if cfg.pad_id is not None else 0)
-    mult = 1 if place is None else place.rows
-    if batch_size is None:
-        batch_size = max(1, sampling.auto_batch_size(cfg, len(ids[order[0]]), int(limit.max()), memory_budget)
-                         // num_beams) * mult
-    batch_size = -(-max(1, int(batch_size)) // mult) * mult
-    decay = exponential_decay_length_penalty or (0, 1.0)
-    job = sampling._Job(params, cfg, tokenizer, ids, key, temp, topk, topp, pen, limit, int(no_repeat_ngram), eos,
-                        pad, stop, 1, place)
+def run(job: Job, order, batch_size: int, done) -> None:
+    """Every prompt of `order` in batches of `batch_size` prompts x gen.num_beams rows; done(i, Result) per prompt."""
+    gen = job.gen
+    decay = gen.exponential_decay_length_penalty or (0, 1.0)
     for b0 in range(0, len(order), batch_size):
         idx = order[b0:b0 + batch_size]
-        nP = sampling._batch_rows(len(idx), batch_size, mult)
+        nP = batch_rows(len(idx), batch_size, job.rows_multiple)
         tokens, lens, keys, lim, t_, k_, p_, r_ = job.rows(idx, nP)
-        Tn = sampling.new_tokens_bucket(int(np.asarray(lim).max()))
-        st = _search(params, tokens, lens, keys, lim, t_, k_, p_, r_, np.float32(length_penalty),
-                     np.int32(decay[0]), np.float32(decay[1]), cfg=cfg, nb=int(num_beams), Tn=Tn,
-                     sample=bool(do_sample), early=early_stopping, ngram=int(no_repeat_ngram), eos=eos, pad=pad,
-                     place=place, penalize_prompt=bool(penalize_prompt))
-        out, logp, length = sampling.host((st.fin_out[:, 0], st.fin_logp[:, 0], st.fin_len[:, 0]))
+        Tn = new_tokens_bucket(int(np.asarray(lim).max()))
+        st = _search(job.params, tokens, lens, keys, lim, t_, k_, p_, r_, np.float32(gen.length_penalty),
+                     np.int32(decay[0]), np.float32(decay[1]), cfg=job.cfg, nb=int(gen.num_beams), Tn=Tn,
+                     sample=bool(gen.do_sample), early=gen.early_stopping, ngram=int(gen.no_repeat_ngram),
+                     eos=job.eos, pad=job.pad, place=job.place, penalize_prompt=bool(gen.penalize_prompt))
+        out, logp, length = host((st.fin_out[:, 0], st.fin_logp[:, 0], st.fin_len[:, 0]))
         for r, i in enumerate(idx):
-            res = job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist())
-            res.truncated = truncated[i]
-            results[i] = res
-    return results
+            done(i, job.result(i, out[r, :length[r]].tolist(), logp[r, :length[r]].tolist()))
