@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 def test_sharded_generation_equals_one_device(tmp_path):
     fx.make_model("llama", tmp_path)  # 4 query heads, 2 KV heads (< tensor=4, 8: replicated)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(HERE / "_multidevice_sampling.py"), str(tmp_path)], env=env,
+    proc = subprocess.run([sys.executable, str(HERE / "_multidevice_generate.py"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Subprocess helper for tests/test_sampling_mesh.py: generate on 8 CPU devices (meshes data=8, data=2 x tensor=4,
 tensor=8) vs one device, static and continuous batching, greedy and beam search.
 
-usage: python tests/_multidevice_sampling.py MODEL_DIR
+usage: python tests/_multidevice_generate.py MODEL_DIR
 Prints one JSON line: per (mesh, mode) whether the tokens equal one device's, the max log-prob difference, and the
 sharding of a cache array.
 """
