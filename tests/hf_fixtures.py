@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from selfalign_jax.core import checkpoint
 
 WORDS = ("the a of to and in is it you that he was for on are as with his they at be this have from or "
@@ -254,3 +256,11 @@ def write_gguf(m, path, family: str, qtypes=None):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def pairs(n: int = 24, seed: int = 0) -> list[tuple[str, str]]:
+    """n random (question, answer) pairs of 3-7 and 4-11 words from WORDS[4:100] (the trainer tests' data)."""
+    rng = np.random.default_rng(seed)
+    words = WORDS[4:100]
+    return [(" ".join(rng.choice(words, rng.integers(3, 8))), " ".join(rng.choice(words, rng.integers(4, 12))))
+            for _ in range(n)]

@@ -1,4 +1,4 @@
-"""SFT trainer: masking, loss vs transformers, loss falls, resume == uninterrupted, NaN stop, LoRA,
+"""SFT trainer: the schedule, the sequence loss norm, streams, loss falls, resume == uninterrupted, NaN stop, LoRA,
 export reload, the `selfalign finetune` CLI, and (subprocess) an 8-device step == the 1-device step.
 
 Every full fine-tune here uses the same TrainConfig and run length, so they share one compiled step.
@@ -16,26 +16,18 @@ import numpy as np
 import pytest
 
 import hf_fixtures as fx
+from hf_fixtures import pairs as _pairs
 from selfalign_jax.core import checkpoint as C
 from selfalign_jax.core import model as M
-from selfalign_jax.core import batching, loss, train
-from selfalign_jax.app.data import read_pairs
+from selfalign_jax.core import batching, train
 from selfalign_jax.core.errors import UserError
 from selfalign_jax.core.loaded import LoadedModel
-from selfalign_jax.core.template import Template
 
-WORDS = fx.WORDS[4:100]
 # 24 pairs, effective batch 8: 3 steps per epoch, 6 steps in all
 FULL = train.TrainConfig(lr=3e-3, batch_size=4, grad_accum=2, epochs=2, warmup_ratio=0.1, max_length=32,
                      checkpoint_every=2)
 LORA = train.TrainConfig(lr=1e-2, batch_size=8, grad_accum=1, epochs=4, warmup_ratio=0.0, max_length=32,
                      lora_rank=4, lora_alpha=8.0)
-
-
-def _pairs(n=24, seed=0):
-    rng = np.random.default_rng(seed)
-    return [(" ".join(rng.choice(WORDS, rng.integers(3, 8))), " ".join(rng.choice(WORDS, rng.integers(4, 12))))
-            for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -61,64 +53,6 @@ def _maxdiff(a, b):
 
 
 # ------------------------------------------------------------------------------------------ data
-def test_encode_marks_answer_and_eos_only(base):
-    _, _, tok = base
-    pairs = [("you that he", "was for on are"), ("the a of", "to and in is it")]
-    enc = batching.encode_pairs(pairs, tok, max_length=64)
-    for (q, a), ids, t in zip(pairs, enc.ids, enc.loss_mask):
-        assert ids[0] == 1 and ids[-1] == 2  # BOS ... EOS
-        assert tok.convert_ids_to_tokens(ids[t].tolist()) == a.split() + ["</s>"]
-        prompt, _ = Template().train_pair(q, a)
-        assert len(ids) - t.sum() == len(tok(prompt)["input_ids"])
-
-
-def test_truncation_and_dropped_examples(base):
-    _, _, tok = base
-    long = ("the a of", " ".join(["water"] * 40))
-    enc = batching.encode_pairs([long, (" ".join(["people"] * 40), "it is")], tok, max_length=16)
-    assert enc.truncated == 2 and enc.dropped == 1 and len(enc) == 1
-    assert len(enc.ids[0]) == 17 and enc.loss_mask[0][-1]  # the cut answer keeps its weights
-
-
-def test_load_pairs_jsonl_errors_name_file_and_line(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text('{"question": "q1", "answer": "a1"}\n\n{"question": "q2"}\n')
-    with pytest.raises(UserError, match=r"d\.jsonl:3: missing field 'answer'"):
-        read_pairs(p)
-    p.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "answer": ""}\n')
-    with pytest.raises(UserError, match=r"d\.jsonl:2: field 'answer' is empty"):
-        read_pairs(p)
-    p.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "answer": "a2"\n')
-    with pytest.raises(UserError, match=r"d\.jsonl:2: malformed JSON"):
-        read_pairs(p)
-    p.write_text('{"question": "q1", "answer": "a1"}\n')
-    assert read_pairs(p) == [("q1", "a1")]
-
-
-def test_plan_and_batches(base):
-    _, _, tok = base
-    enc = batching.encode_pairs(_pairs(40), tok, max_length=32)
-    p0 = batching.plan_epoch(enc.lengths, 8, seed=3, epoch=0)
-    assert [x.tolist() for x in p0] == [x.tolist() for x in batching.plan_epoch(enc.lengths, 8, seed=3, epoch=0)]
-    assert sorted(np.concatenate(p0).tolist()) == list(range(40)) and len(p0) == 5
-    p1 = batching.plan_epoch(enc.lengths, 8, seed=3, epoch=1)
-    assert [x.tolist() for x in p1] != [x.tolist() for x in p0]
-    b = batching.make_batch(enc, p0[0][:7], 2, 4, 32, bucket=16)  # 7 examples in 2 x 4 rows: one empty row
-    assert b["tokens"].shape == (2, 4, batching.bucket_len(max(enc.lengths[p0[0][:7]]), 16, 32))
-    assert int((b["pos"][..., 0] == 0).sum()) == 7
-    assert b["weights"].sum() == sum(enc.loss_mask[i][1:].sum() for i in p0[0][:7])
-    # every filled row is one example: inputs, next-token targets, weights on answer tokens only
-    for a in range(2):
-        for r in range(4):
-            n = int((b["pos"][a, r] >= 0).sum())
-            if n == 0:
-                continue
-            i = next(i for i in p0[0][:7] if len(enc.ids[i]) == n + 1
-                     and (enc.ids[i][:-1] == b["tokens"][a, r, :n]).all())
-            np.testing.assert_array_equal(b["pos"][a, r, :n], np.arange(n))
-            np.testing.assert_array_equal(b["targets"][a, r, :n], enc.ids[i][1:])
-            np.testing.assert_array_equal(b["weights"][a, r, :n], enc.loss_mask[i][1:])
-            assert b["weights"][a, r, n:].sum() == 0
 
 
 def test_schedule_warmup_and_cosine():
@@ -138,19 +72,6 @@ def test_warmup_is_floor_as_the_authors():
     f = train.lr_schedule(tc, 100)  # 3 warm-up steps, then cosine over the other 97
     np.testing.assert_allclose([float(f(s)) for s in (0, 1, 3)], [0.0, 2 / 3, 2.0], atol=1e-6)
     assert float(f(50)) == pytest.approx(1.0 + np.cos(np.pi * 47 / 97), abs=1e-5)
-
-
-def test_plan_epoch_random_composition_and_opt_in_grouping():
-    """Default: uniformly random rows per step (seeds and generated pairs mix); group_lengths: length-sorted steps."""
-    lengths = np.array([10] * 64 + [100] * 64)
-    rand = batching.plan_epoch(lengths, 32, seed=1, epoch=0)
-    grouped = batching.plan_epoch(lengths, 32, seed=1, epoch=0, group_lengths=True)
-    for plan in (rand, grouped):
-        assert sorted(np.concatenate(plan).tolist()) == list(range(128)) and len(plan) == 4
-    assert all(len(set(lengths[b])) == 1 for b in grouped)
-    long_per_step = [int((lengths[b] == 100).sum()) for b in rand]
-    assert all(5 < n < 27 for n in long_per_step), long_per_step  # binomial(32, 1/2) mixes, p(fail) < 1e-3
-    assert [x.tolist() for x in rand] == [x.tolist() for x in batching.plan_epoch(lengths, 32, seed=1, epoch=0)]
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -189,28 +110,6 @@ def test_sequence_loss_norm_equals_direct_computation(base, streams):
     assert abs(float(tok_mean.step(st2, fr2, batch)[1]["loss"]) - float(want)) > 1e-3  # the two norms differ
 
 
-def test_pack_rows_places_every_example_once_with_less_padding(base):
-    """Packing: each example in exactly one row, whole; rows within T; positions restart at 0 per example; the
-    same tokens, targets and weights as the unpacked batch; fewer padded tokens."""
-    _, _, tok = base
-    enc = batching.encode_pairs(_pairs(24, seed=6), tok, max_length=32)
-    idx = list(range(3, 19))
-    plain = batching.make_batch(enc, idx, 4, 4, 64, bucket=8)
-    packed = batching.make_batch(enc, idx, 4, 4, 64, bucket=8, pack=True)
-    assert packed["tokens"].size < plain["tokens"].size
-    got, want = [], []
-    for b in (plain, packed):
-        pos, out = b["pos"].reshape(-1, b["pos"].shape[-1]), []
-        for r in range(pos.shape[0]):
-            starts = list(np.flatnonzero(pos[r] == 0)) + [int((pos[r] >= 0).sum())]
-            for a, e in zip(starts, starts[1:]):
-                assert (pos[r, a:e] == np.arange(e - a)).all()
-                out.append(tuple(repr(b[k].reshape(pos.shape)[r, a:e].tolist())
-                                 for k in ("tokens", "targets", "weights")))
-        (want if b is plain else got).append(sorted(out))
-    assert got == want and len(got[0]) == len(idx)
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_packed_step_equals_unpacked_step(tmp_path, family):
     """One optimizer step on a packed batch == on the same examples one per row: loss, gradient norm and the
@@ -236,58 +135,6 @@ def test_packed_step_equals_unpacked_step(tmp_path, family):
 
 
 # ------------------------------------------------------------------------------------------ loss
-def test_loss_equals_transformers_loss_with_prompt_masked(base):
-    """Our token-weighted loss == HF's loss with labels -100 on the prompt: prompt tokens add nothing."""
-    import torch
-
-    path, tm, tok = base
-    cfg, params = C.load(path, dtype="float32")
-    enc = batching.encode_pairs(_pairs(4, seed=5), tok, max_length=32)
-    b = batching.make_batch(enc, range(4), 1, 4, 32, bucket=32)
-    mb = jax.tree.map(lambda x: x[0], b)
-    nll, n = jax.jit(train.token_nll, static_argnums=1)(params, cfg, mb)
-    ours = float(nll / n)
-    L = max(len(x) for x in enc.ids)
-    ids = np.zeros((4, L), np.int64)
-    labels = np.full((4, L), -100, np.int64)
-    mask = np.zeros((4, L), np.int64)
-    for r in range(4):
-        k = len(enc.ids[r])
-        ids[r, :k] = enc.ids[r]
-        mask[r, :k] = 1
-        labels[r, :k] = np.where(enc.loss_mask[r], enc.ids[r], -100)
-    with torch.no_grad():
-        ref = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
-    assert abs(ours - float(ref)) < 1e-5, (ours, float(ref))
-    # changing prompt targets' weights would change the loss: the masked-out part is not negligible
-    all_w = dict(mb, weights=(mb["pos"] >= 0).astype(np.float32))
-    nll2, n2 = jax.jit(train.token_nll, static_argnums=1)(params, cfg, all_w)
-    assert abs(float(nll2 / n2) - ours) > 1e-2
-
-
-@pytest.mark.parametrize("pattern", ["scattered", "uneven rows"])
-def test_fused_xent_equals_plain_loss_and_grads(pattern):
-    """The chunked LM-head + cross-entropy (weighted positions only, full chunks then a tail) gives
-    the plain logits path's loss and gradients."""
-    cfg = M.Config(family="llama", vocab_size=300, hidden=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
-                   intermediate=48, max_pos=64)
-    p = M.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
-    rng = np.random.default_rng(0)
-    B = 3
-    w = (rng.random((B, 24)) > 0.4).astype(np.float32)
-    if pattern == "uneven rows":  # a prompt-only row, a row with loss on its last 5 positions, fractional weights
-        w = np.zeros((B, 24), np.float32)
-        w[1, 19:] = 1.0
-        w[2, 3:17] = 0.5
-    b = {"tokens": rng.integers(0, 300, (B, 24)).astype(np.int32),
-         "targets": rng.integers(0, 300, (B, 24)).astype(np.int32),
-         "pos": np.tile(np.arange(24, dtype=np.int32), (B, 1)), "weights": w}
-    ref_l, ref_g = jax.value_and_grad(lambda p: loss.token_nll(p, cfg, b, fused=False)[0])(p)
-    for chunk in (512, 48, 24):  # one chunk; 16 positions per chunk + 2-position tail chunks; 8 + 1
-        l, g = jax.value_and_grad(lambda p: loss.token_nll(p, cfg, b, chunk_tokens=chunk)[0])(p)
-        assert abs(float(l) - float(ref_l)) < 1e-4 * abs(float(ref_l))
-        rel = jax.tree.map(lambda a, c: float(np.abs(a - c).max() / (np.abs(c).max() + 1e-30)), g, ref_g)
-        assert max(jax.tree.leaves(rel)) < 1e-5, rel
 
 
 def test_streams_split_the_batch_without_changing_the_step(base):
