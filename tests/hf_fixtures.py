@@ -64,6 +64,42 @@ def make_tokenizer(path: Path):
     return fast
 
 
+# the tokenizer class each family's checkpoints name in tokenizer_config.json
+TOKENIZER_CLASS = {"llama": "LlamaTokenizer", "llama3": "LlamaTokenizer", "llama_linear_tied": "LlamaTokenizer",
+                   "mistral": "LlamaTokenizer", "qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
+                   "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer", "gemma3": "GemmaTokenizer",
+                   "opt": "GPT2Tokenizer", "opt350m": "GPT2Tokenizer"}
+EXACT_SPECIALS = ["<pad>", "<s>", "</s>", "<sep>"]  # no <unk>: byte-level / byte-fallback BPE needs none
+
+
+def make_family_tokenizer(path: Path, family: str, n: int = VOCAB):
+    """A BPE tokenizer of exactly n ids as `family`'s checkpoints ship it (byte-level for Qwen2 / GPT-2,
+    sentencepiece-style for Llama / Gemma), its tokenizer_config.json naming TOKENIZER_CLASS[family] and only
+    bos / eos / pad: transformers' class then adds its own defaults (<|endoftext|>, <unk>, <mask>) at ids >= n,
+    which no file defines. Returns the tokenizers.Tokenizer written to tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    cls = TOKENIZER_CLASS[family]
+    byte_level = cls in ("Qwen2Tokenizer", "GPT2Tokenizer")
+    tokens, merges = gguf_vocab(n, "Ġ" if byte_level else "▁")
+    tokens = EXACT_SPECIALS + tokens[len(SPECIALS):]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges],
+                               byte_fallback=not byte_level, fuse_unk=not byte_level))
+    if byte_level:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(EXACT_SPECIALS)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    conf = {"tokenizer_class": cls, "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
+    return tok
+
+
 def hf_config(family: str, **over):
     import transformers
 
@@ -85,8 +121,9 @@ def hf_config(family: str, **over):
     return c
 
 
-def make_model(family: str, path, seed: int = 0, tokenizer: bool = True, **over):
-    """Random tiny model of `family` (a key of FAMILY_KW) saved to path; returns the torch model."""
+def make_model(family: str, path, seed: int = 0, tokenizer: bool = True, exact_vocab: bool = False, **over):
+    """Random tiny model of `family` (a key of FAMILY_KW) saved to path; returns the torch model.
+    exact_vocab: the tokenizer is `make_family_tokenizer`'s, of exactly vocab_size ids."""
     import torch
     import transformers
 
@@ -100,7 +137,9 @@ def make_model(family: str, path, seed: int = 0, tokenizer: bool = True, **over)
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     m.save_pretrained(str(path), safe_serialization=True)
-    if tokenizer:
+    if tokenizer and exact_vocab:
+        make_family_tokenizer(path, family, m.config.vocab_size)
+    elif tokenizer:
         make_tokenizer(path)
     m.config._attn_implementation = "eager"
     return m
@@ -264,3 +303,9 @@ def pairs(n: int = 24, seed: int = 0) -> list[tuple[str, str]]:
     words = WORDS[4:100]
     return [(" ".join(rng.choice(words, rng.integers(3, 8))), " ".join(rng.choice(words, rng.integers(4, 12))))
             for _ in range(n)]
+
+
+def llama_base(tmp_path_factory):
+    """(path, transformers model, our tokenizer) of a tiny random llama checkpoint (the trainer tests' base)."""
+    path = tmp_path_factory.mktemp("base")
+    return path, make_model("llama", path), checkpoint.load_tokenizer(path)

@@ -7,7 +7,6 @@ import pytest
 import hf_fixtures as fx
 from selfalign_jax.app.data import read_pairs
 from selfalign_jax.core import batching
-from selfalign_jax.core import checkpoint as C
 from selfalign_jax.core.errors import UserError
 from selfalign_jax.core.template import Template
 from hf_fixtures import pairs as _pairs
@@ -15,8 +14,7 @@ from hf_fixtures import pairs as _pairs
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    return path, fx.make_model("llama", path), C.load_tokenizer(path)
+    return fx.llama_base(tmp_path_factory)
 
 
 def test_encode_marks_answer_and_eos_only(base):

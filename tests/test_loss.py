@@ -14,8 +14,7 @@ from hf_fixtures import pairs as _pairs
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    return path, fx.make_model("llama", path), C.load_tokenizer(path)
+    return fx.llama_base(tmp_path_factory)
 
 
 def test_loss_equals_transformers_loss_with_prompt_masked(base):

@@ -20,6 +20,9 @@ from hf_fixtures import pairs as _pairs
 from selfalign_jax.core import checkpoint as C
 from selfalign_jax.core import model as M
 from selfalign_jax.core import batching, train
+from selfalign_jax.core import mesh as MS
+from selfalign_jax.core import plan as P
+from selfalign_jax.core.settings import pin_split
 from selfalign_jax.core.errors import UserError
 from selfalign_jax.core.loaded import LoadedModel
 
@@ -32,9 +35,7 @@ LORA = train.TrainConfig(lr=1e-2, batch_size=8, grad_accum=1, epochs=4, warmup_r
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    tm = fx.make_model("llama", path)
-    return path, tm, C.load_tokenizer(path)
+    return fx.llama_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +133,60 @@ def test_packed_step_equals_unpacked_step(tmp_path, family):
     assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-4)
     assert _maxdiff(p0, p1) < 1e-5
+
+
+# ------------------------------------------------------------------------------------ memory fit
+def _one_step(cfg, params, enc, tc):
+    state, frozen, trainer, hist = train.train(cfg, jax.tree.map(np.array, params), enc, tc, progress=False,
+                                               stop_after=1)
+    return trainer, hist[0], jax.tree.map(np.asarray, state.params)
+
+
+def test_micro_batch_split_gives_the_same_step(base):
+    """16 packed rows as 16 x 1 and as 4 x 4 (and auto_fit's choice on a CPU, 4 x 4): the same loss, gradient
+    norm, tokens and parameters after a step (fp32, up to summation order)."""
+    path, _, tok = base
+    cfg, params = C.load(path, dtype="float32")
+    enc = batching.encode_pairs(_pairs(40, seed=5), tok, max_length=32)
+    tc = train.TrainConfig(lr=1e-3, batch_size=16, grad_accum=1, max_length=32, warmup_ratio=0.0, bucket=8,
+                           auto_fit=False)
+    runs = {name: _one_step(cfg, params, enc, t) for name, t in (
+        ("16x1", tc), ("4x4", dataclasses.replace(tc, batch_size=4, grad_accum=4)),
+        ("auto", dataclasses.replace(tc, auto_fit=True)))}
+    assert (runs["auto"][0].micro_rows, runs["auto"][0].tcfg.grad_accum) == (train.CPU_MICRO_ROWS, 16 // 4)
+    ref = runs["16x1"][1]
+    for name in ("4x4", "auto"):
+        _, m, p = runs[name]
+        assert m["tokens"] == ref["tokens"] and m["inputs"] == ref["inputs"]
+        assert m["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+        assert _maxdiff(p, runs["16x1"][2]) < 1e-5
+    # a different split of the examples (another effective batch) does change the step
+    other = _one_step(cfg, params, enc, dataclasses.replace(tc, batch_size=8))[1]
+    assert abs(other["loss"] - ref["loss"]) > 1e-4
+
+
+def test_fit_memory_splits_to_the_budget_and_keeps_what_is_pinned(base):
+    path, _, _ = base
+    cfg, _ = C.load(path, dtype="float32")
+    mesh = MS.make_mesh(None)
+    tc = train.TrainConfig(batch_size=4, grad_accum=2, max_length=32)
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    need = {b: P.train_bytes(cfg, P.TrainSettings(batch_size=b, max_length=32,
+                                                                           dtype="float32", grad_accum=8 // b),
+                                         sizes)["total"] for b in (4, 2, 1)}
+    assert need[4] > need[2] > need[1]
+    budget = (need[2] + need[4]) / 2 / P.HEADROOM / P.GIB  # 2 rows fit, 4 do not
+    got, line = train.fit_memory(cfg, dataclasses.replace(tc, memory_gib=budget), mesh)
+    assert (got.batch_size, got.grad_accum, got.remat) == (2, 4, False)
+    assert "micro-batch 2 x 4 (of 4 x 2, effective batch 8)" in line and "--memory-gib" in line
+    got, line = train.fit_memory(cfg, dataclasses.replace(tc, memory_gib=1e-6), mesh)  # nothing fits
+    assert (got.batch_size, got.grad_accum) == (1, 8) and "does not fit" in line
+    seq = dataclasses.replace(tc, memory_gib=budget, loss_norm="sequence")  # the split is part of that loss
+    assert train.fit_memory(cfg, seq, mesh)[0].batch_size == 4
+    assert train.fit_memory(cfg, dataclasses.replace(tc, memory_gib=budget, auto_fit=False), mesh) == (
+        dataclasses.replace(tc, memory_gib=budget, auto_fit=False), None)
+    assert not pin_split(tc, {"grad_accum"}).auto_fit and pin_split(tc, {"lr"}).auto_fit
 
 
 # ------------------------------------------------------------------------------------------ loss
