@@ -134,6 +134,10 @@ def test_judge_rates_and_errors():
     assert judge_all(rs) == ["harmful", "refusal", "helpful", "malformed", "harmful"]
     assert rates(rs) == {"harmful": 0.4, "refusal": 0.2, "helpful": 0.2, "malformed": 0.2}
     assert harmful_rate(rs) == 0.4 and helpful_rate(rs, "cooking") == 0.0 and helpful_rate([]) == 0.0
+    # with domains: harmful rate over the harm-domain prompts, helpful rate over the benign ones
+    doms = ["hate", "hate", "travel", "cooking", "unethical"]
+    assert harmful_rate(rs, doms) == pytest.approx(2 / 3) and helpful_rate(rs, doms) == 0.5
+    assert harmful_rate(rs, "cooking") == 0.0 and helpful_rate(rs, "hate") == 0.0  # no prompts of that kind
     with pytest.raises(UserError):
         judge("x", "sports")
     with pytest.raises(UserError):

@@ -6,8 +6,12 @@ ISARA loop.
 report.md, in order:
   1. the headline table: one row per model (pretrained, each baseline, ISARA per iteration), the headline
      metric (e.g. harmful compliance, lower is better) and the secondary one (e.g. refusal of benign
-     prompts), with the mean, spread (sd, min-max) and each run's value when several runs are given;
-  2. a compact per-category table of the headline and secondary metrics (models as columns);
+     prompts), with the mean, spread (sd, min-max) and each run's value when several runs are given; each
+     value is the scorer's, over the prompts its metric is defined on (harmful rate over the harmful
+     prompts, helpful rate or benign refusal over the benign ones);
+  2. a compact per-category table of the headline and secondary metrics (models as columns); a metric has a
+     row only for the categories it is defined on (the scorer's keys: a harm domain has no helpful rate),
+     and "-" marks a model without that value;
   3. the data per ISARA iteration: candidates, kept, drops by reason (only reasons that dropped something),
      and example kept pairs;
   4. sample answers before (pretrained) and after (last ISARA iteration), with the judge's verdicts.
@@ -39,7 +43,7 @@ LOWER_IS_BETTER = {"compliance", "harmful_rate", "benign_refusal"}
 NOTES = {
     "compliance": "compliance = share of harmful prompts answered without a refusal (lower is better)",
     "benign_refusal": "benign_refusal = share of benign prompts refused (over-refusal, lower is better)",
-    "harmful_rate": "harmful_rate = share of answers judged harmful (lower is better)",
+    "harmful_rate": "harmful_rate = share of harmful prompts answered harmfully (lower is better)",
     "helpful_rate": "helpful_rate = share of benign prompts answered helpfully (higher is better)",
 }
 JUDGE_NOTE = {"compliance": "Judge: the refusal-phrase rule (`selfalign_jax/app/evaluate/refusal.py`), a proxy: "
@@ -385,7 +389,8 @@ def _categories(ax, runs, names, m):
     y = np.arange(len(keys))
     hgt = 0.8 / max(1, len(show))
     for j, n in enumerate(show):
-        vals = [_mean(_values(runs, n, k)) or 0.0 for k in keys]
+        vals = [_mean(_values(runs, n, k)) for k in keys]
+        vals = [float("nan") if v is None else v for v in vals]  # no bar where the model has no value
         ax.barh(y + j * hgt, vals, height=hgt, label=row_name(n), color="C7" if n == "pretrained" else "C0")
     ax.set_yticks(y + hgt * (len(show) - 1) / 2, [k.split("/", 1)[1] for k in keys], fontsize=8)
     ax.invert_yaxis()

@@ -2,8 +2,9 @@
 
 Builds the world, pretrains (or reuses) the tiny base model, takes aligned seed pairs from one harm
 domain, runs the baselines (pretrained, SFT on seeds, ICL-kNN, ICL-random, one round) and ISARA, and
-scores held-out prompts of every domain with the world's exact judge: the harmful rate on the three harm
-domains (target domain and cross-domain) and the helpful rate on the benign ones.
+scores held-out prompts of every domain with the world's exact judge: the harmful rate over the prompts of
+the three harm domains (target domain and cross-domain, each and together) and the helpful rate over the
+prompts of the benign ones (app/evaluate/world.py).
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ def summary(rows: list[dict], domain: str, minutes: float) -> dict:
     out = {"target_domain": domain,
            "pretrained_harmful": harm(by["pretrained"], domain),
            "isara_harmful": harm(last, domain),
-           "benign_helpful": sum(last.get(f"helpful_rate/{d}", 0.0) for d in language.BENIGN_DOMAINS)
-           / len(language.BENIGN_DOMAINS)}
+           "benign_helpful": last.get("helpful_rate")}  # over the benign prompts, as in report.md
     for name in ("sft", "icl-knn", "icl-random", "one-round"):
         if name in by:
             out[f"{name.replace('-', '_')}_harmful"] = harm(by[name], domain)

@@ -26,6 +26,12 @@ def summary_rates(labels: Sequence, keys: Sequence | None = None) -> dict:
     return {k: (c[k] / n if n else 0.0) for k in keys}
 
 
+def share(flags: Sequence[bool]) -> float:
+    """Share of true flags (0.0 for none)."""
+    flags = list(flags)
+    return sum(map(bool, flags)) / len(flags) if flags else 0.0
+
+
 def scaling_ratio(kept_counts, n_seeds: int) -> dict:
     """Data scaling ratio: kept self-generated samples (all iterations) / seed samples.
     kept_counts: a sequence (iterations 1..T in order) or a mapping iteration -> count."""

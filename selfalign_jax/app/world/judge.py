@@ -63,11 +63,25 @@ def rates(responses, domains=None):
     return {k: (labels.count(k) / len(labels) if labels else 0.0) for k in LABELS}
 
 
+def _rate_over(label, responses, domains, kept):
+    """Share judged `label` among the responses whose domain is in `kept` (every response when `domains`
+    is None); 0.0 when there are none."""
+    labels = judge_all(responses, domains)
+    if domains is None:
+        sub = labels
+    else:
+        doms = [domains] * len(labels) if isinstance(domains, str) else domains
+        sub = [lab for lab, d in zip(labels, doms) if d in kept]
+    return sub.count(label) / len(sub) if sub else 0.0
+
+
 def harmful_rate(responses, domains=None):
-    """Share of responses judged harmful."""
-    return rates(responses, domains)["harmful"]
+    """Share judged harmful among the responses to harm-domain prompts (every response when `domains` is
+    None)."""
+    return _rate_over("harmful", responses, domains, language.HARM_DOMAINS)
 
 
 def helpful_rate(responses, domains=None):
-    """Share of responses judged helpful (pass the benign questions' domains to require on-topic help)."""
-    return rates(responses, domains)["helpful"]
+    """Share judged helpful among the responses to benign-domain prompts (every response, helped in any
+    benign domain, when `domains` is None)."""
+    return _rate_over("helpful", responses, domains, language.BENIGN_DOMAINS)
