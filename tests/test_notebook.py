@@ -107,3 +107,41 @@ def test_device_check_says_when_jax_fell_back_to_the_cpu(tmp_path):
     script.write_text("\n\n".join(code[:3]))
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "fell back to the CPU" in r.stderr + r.stdout, r.stderr[-2000:]
+
+
+def install_cell(tmp_path, monkeypatch):
+    """The settings and install cells run with INSTALL=0: the install cell's names (install_plan, JAX_RANGE)."""
+    for k, v in {"MODEL": "m", "SEEDS": "s", "SCRATCH": str(tmp_path), "INSTALL": "0"}.items():
+        monkeypatch.setenv(f"SELFALIGN_NB_{k}", v)
+    ns = {}
+    exec("\n\n".join(cells()[:2]), ns)  # noqa: S102 - the notebook cells themselves
+    return ns
+
+
+def test_install_keeps_the_images_jax_when_in_range(tmp_path, monkeypatch):
+    ns = install_cell(tmp_path, monkeypatch)
+    args, pins = ns["install_plan"]("selfalign-jax[tpu]", {"jax": "0.11.2", "jaxlib": "0.11.2", "libtpu": "0.0.40"})
+    assert args == ["install", "-q", "selfalign-jax"]  # no [tpu] extra: the image's libtpu stays too
+    assert pins.splitlines() == ["jax==0.11.2", "jaxlib==0.11.2", "libtpu==0.0.40"]
+    args, pins = ns["install_plan"]("selfalign-jax[tpu]", {"jax": "0.10.0", "jaxlib": "0.10.0", "libtpu": None})
+    assert args[-1] == "selfalign-jax" and pins.splitlines() == ["jax==0.10.0", "jaxlib==0.10.0"]
+
+
+def test_install_takes_the_extra_when_jax_is_missing_or_out_of_range(tmp_path, monkeypatch):
+    ns = install_cell(tmp_path, monkeypatch)
+    for installed in ({"jax": None, "jaxlib": None, "libtpu": None}, {"jax": "0.9.2", "jaxlib": "0.9.2"},
+                      {"jax": "0.12.0", "jaxlib": "0.12.0"}, {"jax": "0.10.2", "jaxlib": None}):
+        assert ns["install_plan"]("selfalign-jax[tpu]", installed) == (["install", "-q", "selfalign-jax[tpu]"], None)
+
+
+def test_install_range_is_pyprojects():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    deps = {r.name: str(r.specifier) for r in map(Requirement, tomllib.loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"])}
+    ns = {}
+    src = cells()[1]
+    exec(src[:src.index("KEEP =")], ns)  # noqa: S102 - the imports and JAX_RANGE
+    from packaging.specifiers import SpecifierSet
+    assert SpecifierSet(ns["JAX_RANGE"]) == SpecifierSet(deps["jax"]) == SpecifierSet(deps["jaxlib"])
