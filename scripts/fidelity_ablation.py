@@ -1,19 +1,19 @@
-"""Ablation of commit 5f6d5d8 (issue 16 fidelity): restore ONE item's old behaviour in-process, then run
+"""Ablation of the fidelity choices (docs/fidelity.md): patch ONE choice to its alternative in-process, then run
 the synthetic demo as `selfalign demo --run-dir ROOT/ITEM/seedS --seed S --domain D` for each seed.
     python scripts/fidelity_ablation.py ITEM --seeds 0 1 2 --root DIR --cache-dir DIR  # last line: JSON
     python scripts/fidelity_ablation.py ITEM --check  # seconds, no demo: the patch changes behaviour
-ITEM: old behaviour -> what is patched (none = the current code; run dirs don't record the patch):
+ITEM: the alternative -> what is patched (none = the current code; run dirs don't record the patch):
   item1 SFT-on-seeds baseline: ONE round (lr sft.lr, t=0, baselines/sft/model), not T rounds with ISARA's
         lr decay -> `rundir.baseline` wrapped for kind "sft".
   item2 warm-up ceil(ratio * total), not floor (a short SFT starts with an lr-0 step) -> `train.warmup_steps`.
   item3 question demos shuffled across sets (rng.permutation after the draws); answer and ICL demos
-        rendered reversed (nearest last, D_{t-1}..D_1 first) -> `isara.write_questions` (old copy),
+        rendered reversed (nearest last, D_{t-1}..D_1 first) -> `isara.write_questions` (a copy with the shuffle),
         `Template.answer_prompt` (demos reversed; its other callers pass no demos).
   item4 budget: stop at the first demo that does not fit, keep while <= budget -> `isara.fit_budget`.
   item5 markers BEGIN, END, USER, ASSISTANT only; a marker at index 0 IS a cut point -> `isara.MARKERS`,
         `isara.cut`, `generate.prompts.find_stop` (the world's pretraining and its base-model cache untouched).
-  item6 length-sorted SFT steps -> no patch: `sft.length_grouping=True` in the run config (the old
-        `plan_epoch` exactly); packing stays on as in none (same token-normalised gradient).
+  item6 length-sorted SFT steps -> no patch: `sft.length_grouping=True` in the run config (the
+        length-sorted `plan_epoch`); packing stays on as in none (same token-normalised gradient).
 """
 
 import argparse
@@ -54,7 +54,7 @@ def old_warmup_steps(tcfg, total_steps):  # item2
     return int(math.ceil(tcfg.warmup_ratio * total_steps))
 
 
-def old_draw_demos(pools, counts, rng):  # item3: the current draws, then the old shuffle across sets
+def old_draw_demos(pools, counts, rng):  # item3: the current draws, then a shuffle across sets
     demos = ORIG_DRAW(pools, counts, rng)
     return [demos[i] for i in rng.permutation(len(demos))]
 

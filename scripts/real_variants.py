@@ -1,4 +1,4 @@
-"""Measurements behind the real demo's settings (configs/README.md, "The real demo").
+"""Measurements behind the real demo's settings (docs/real-demo.md).
 
     python scripts/real_variants.py retrieval
         how often the K = 4 seeds nearest to an evaluation prompt (the demo's 60 + 40 subset) are helpful
@@ -25,7 +25,7 @@
         ANSWER_SETTINGS, judged like the final models (compliance on harmful, refusal on benign prompts)
     python scripts/real_variants.py frontier RUN_DIR[=LABEL]... --out PNG
         every model of the given runs (metrics.jsonl rows) as one point: harmful compliance against benign
-        refusal, with the issue's target region (compliance <= half the pretrained rate, refusal <= 0.15);
+        refusal, with the target region (compliance <= half the pretrained rate, refusal <= 0.15);
         prints the points as a table
 """
 

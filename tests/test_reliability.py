@@ -225,7 +225,7 @@ def test_unusable_stage_output_is_redone(finished, tmp_path, capsys):
     killed = run / "iter_1" / ".model.tmp-999999999-abc"  # an export killed half-way
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"half")
-    legacy = run / "iter_1" / ".questions.jsonl.x7_k2p9q.tmp"  # an older version's temp (no PID)
+    legacy = run / "iter_1" / ".questions.jsonl.x7_k2p9q.tmp"  # a legacy temp name (no PID)
     legacy.write_text("half")
     (run / "iter_1" / "kept.jsonl").write_text("not json\n")
     new = rundir.run(d / "model", seeds, run, _cfg())
@@ -268,7 +268,7 @@ def test_stale_export_temps_removed_and_overwrite_keeps_old(src, tmp_path, monke
     stale[0].mkdir()
     (stale[0] / "model.safetensors").write_bytes(b"half")
     stale[1].write_text("half")
-    legacy = [tmp_path / ".out.k2j_h4g5", tmp_path / ".out.ab12cd34.tmp"]  # older versions' temps (no PID)
+    legacy = [tmp_path / ".out.k2j_h4g5", tmp_path / ".out.ab12cd34.tmp"]  # legacy temp names (no PID)
     legacy[0].mkdir()
     (legacy[0] / "model.safetensors").write_bytes(b"half")
     legacy[1].write_text("half")

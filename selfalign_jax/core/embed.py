@@ -98,7 +98,7 @@ def lm_depth(n_layers: int, frac: float) -> int:
 class LMEmbedder:
     """Mean over valid tokens of the decoder's hidden states after its first `lm_depth(L, layers)` layers
     (with the final norm), L2-normalised. layers=1.0 is the last layer; middle layers retrieve better
-    (SmolLM2-135M, configs/README.md "The real demo": the 4 seeds nearest to a benign prompt are helpful
+    (SmolLM2-135M, docs/real-demo.md: the 4 seeds nearest to a benign prompt are helpful
     ones 32% of the time at 0.5, 17.5% at 1.0, base rate 20%) and cost less."""
 
     name = "lm"
