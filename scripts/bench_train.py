@@ -168,7 +168,7 @@ def main():
     plain_env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     huge = hostmem.applies(plain_env)
     # ours as the `selfalign` command runs it (hostmem: huge pages where they apply), ours with 4 KiB
-    # pages, and torch as it runs by default (with the tunable it was slower here: 7.4-7.7 vs 6.7-7.1 s)
+    # pages, and torch as it runs by default (torch is slower with the tunable on a 2-core CPU: 7.4-7.7 vs 6.7-7.1 s)
     sides = [("ours", OURS, hostmem.env(plain_env) if huge else plain_env)]
     if huge:
         sides.append(("ours_4k", OURS, plain_env))

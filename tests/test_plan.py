@@ -55,7 +55,7 @@ def opt_bytes(state) -> tuple[int, int]:
     return nbytes([x for x in leaves if x.ndim]), nbytes([x for x in leaves if not x.ndim])
 
 
-def sft_optimizer():  # what train.make_optimizer builds: clip -> AdamW (with its schedule before issue 12)
+def sft_optimizer():  # clip -> AdamW with a schedule: the moments train.make_optimizer's state holds
     return optax.chain(optax.clip_by_global_norm(1.0),
                        optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-4, 2, 10), b1=0.9, b2=0.95))
 

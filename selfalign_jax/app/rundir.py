@@ -59,8 +59,8 @@ def load_config(path) -> IsaraConfig:
 
 def from_dict(d: dict, where: str = "config") -> IsaraConfig:
     """An IsaraConfig from nested dicts; an unknown field or a bad value is a UserError naming it.
-    (`sft.lr_decay`, where presets before the sft section became the trainer's config had it, is read
-    as the top-level `lr_decay`.)"""
+    (`sft.lr_decay`, which the machine presets hold in their sft section, is read as the top-level
+    `lr_decay`.)"""
     sub = {"question_gen": GenConfig, "answer_gen": GenConfig, "sft": TrainConfig}
     names = {f.name for f in dataclasses.fields(IsaraConfig)}
     kw = {}
@@ -173,8 +173,8 @@ class LazyModel:
 
 
 def with_defaults(d: dict, default: dict) -> dict:
-    """d with the keys it lacks taken from `default` (nested): a field added after a run directory was
-    written reads as its default, which is what the older version did."""
+    """d with the keys it lacks taken from `default` (nested): a field a run directory's config.json
+    lacks reads as its default, the value that run was made with."""
     out = {k: with_defaults(d[k], v) if isinstance(v, dict) and isinstance(d.get(k), dict) else d.get(k, v)
            for k, v in default.items()}
     return {**d, **out}
@@ -200,7 +200,7 @@ class RunDir:
         p = self.root / "config.json"
         on_disk = read_run_config(p) if p.is_file() else None
         if on_disk is not None:
-            old = without_layout(on_disk)  # (earlier versions wrote sft.mesh: null and no sft.packing)
+            old = without_layout(on_disk)  # (a config.json may hold sft.mesh: null and lack sft.packing)
             if isinstance(old.get("isara"), dict):
                 old["isara"] = with_defaults(old["isara"], json.loads(json.dumps(
                     without_layout(dataclasses.asdict(IsaraConfig())))))
@@ -484,7 +484,7 @@ def baseline(kind: str, model_dir, seeds, run_dir, cfg, eval_set, scorer, force=
         pick = lambda i, q: [(rd.seeds[j]["question"], rd.seeds[j]["answer"]) for j in ids[i]]  # noqa: E731
         rd.eval_stage(name, base, scorer, row="icl-random", demos_for=pick)
     elif kind == "one-round":
-        # shares iteration 1's random streams (stage keys of (seed, t=1)): see configs/README.md
+        # shares iteration 1's random streams (stage keys of (seed, t=1)): see docs/fidelity.md
         sub = rd.root / name
         one = dataclasses.replace(cfg, iterations=1, generate=cfg.iterations * cfg.generate)
         done = sub / "metrics.json"

@@ -92,8 +92,8 @@ def _alive(pid: int) -> bool:
 
 
 _TEMP = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)-[^/]*$")  # .NAME.tmp-PID-xxx: atomic()'s temp for NAME
-# the temps atomic() made before they carried the writer's PID: .NAME.xxxxxxxx.tmp files and .NAME.xxxxxxxx
-# directories (tempfile's 8 random characters); no writer of this version makes them, so they are stale
+# legacy temp names without the writer's PID: .NAME.xxxxxxxx.tmp files and .NAME.xxxxxxxx directories
+# (tempfile's 8 random characters); atomic() never makes them, so they are stale
 _LEGACY_TEMP = re.compile(r"^\.(.+)\.[a-z0-9_]{8}(\.tmp)?$")
 
 
@@ -111,7 +111,7 @@ def _temp_of(p: Path) -> tuple[str, str, int | None] | None:
 
 def _clean_stale(path: Path) -> None:
     """Remove what a killed writer of `path` left beside it (temps named .NAME.tmp-PID-*, old copies
-    .NAME.old-PID-*, PID no longer running; temps of older versions, named without a PID). An old copy
+    .NAME.old-PID-*, PID no longer running; legacy temps, named without a PID). An old copy
     kept aside by a replace that was killed half-way is moved back if `path` itself is missing."""
     for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
         _remove_if_stale(p, path)

