@@ -57,3 +57,24 @@ def test_never_in_a_notebook_or_with_an_accelerator(monkeypatch):
     assert cli.started_as_command("/work/x/selfalign_jax/cli.py")
     assert not cli.started_as_command("/usr/lib/python3/site-packages/ipykernel_launcher.py")
     assert not cli.started_as_command("train.py")
+
+
+def test_available_bytes_reads_meminfo(tmp_path):
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:    2000000 kB\n")
+    assert hostmem.available_bytes(str(f)) == 2000000 * 1024
+    f.write_text("MemTotal:       24000000 kB\n")  # no MemAvailable: the page counts instead
+    got = hostmem.available_bytes(str(f))
+    assert got is None or got > 0
+
+
+def test_rss_peak_and_release_follow_an_allocation():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    code = ("import numpy as np; from selfalign_jax.core import hostmem as h; r0 = h.rss_bytes(); "
+            "x = np.ones(64 << 20, np.uint8); r1 = h.rss_bytes(); del x; "
+            "print(r0, r1, h.rss_bytes(), h.peak_rss_bytes(), h.release())")
+    r0, r1, r2, peak, freed = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                       check=True).stdout.split())
+    assert r1 - r0 > 60 << 20 and peak >= r1 and r2 < r1 - (60 << 20)  # 64 MiB touched, then unmapped
+    assert freed >= 0

@@ -239,3 +239,26 @@ def test_presets_fit_their_machines():
         for v in mesh.values():
             n *= v
         assert {k: v for k, v in MS.parse_mesh(pre.mesh, n).items() if v > 1 or k in mesh} == mesh, name
+
+
+def test_fit_train_keeps_the_effective_batch_and_prefers_no_remat():
+    cfg = M.Config(family="llama", vocab_size=8192, hidden=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64,
+                   intermediate=1536, max_pos=1024)
+    ts = P.TrainSettings(batch_size=16, max_length=256, dtype="float32", grad_accum=2)
+    one = {"data": 1, "fsdp": 1, "tensor": 1}
+    total = {(b, r): P.train_bytes(cfg, dataclasses.replace(ts, batch_size=b, grad_accum=32 // b, remat=r),
+                                   one)["total"] for b in (16, 8, 4, 2, 1) for r in (False, True)}
+    assert P.fit_train(cfg, ts, one, 1 << 50) == ts  # fits: unchanged
+    got = P.fit_train(cfg, ts, one, total[(4, False)])  # the largest divisor that fits
+    assert (got.batch_size, got.grad_accum, got.remat) == (4, 8, False)
+    got = P.fit_train(cfg, ts, one, total[(16, False)], max_rows=8)
+    assert (got.batch_size, got.grad_accum) == (8, 4)
+    tight = total[(1, False)] - 1  # no micro-batch fits without remat: remat, the largest micro-batch that fits
+    best = max(b for b in (16, 8, 4, 2, 1) if total[(b, True)] <= tight)
+    got = P.fit_train(cfg, ts, one, tight)
+    assert (got.batch_size, got.grad_accum, got.remat) == (best, 32 // best, True)
+    got = P.fit_train(cfg, ts, one, tight, remat=False)  # remat not allowed: the smallest split, over budget
+    assert (got.batch_size, got.grad_accum, got.remat) == (1, 32, False)
+    assert P.fit_train(cfg, ts, one, total[(4, False)], split=False).batch_size == 16
+    got = P.fit_train(cfg, ts, {"data": 4, "fsdp": 1, "tensor": 1}, 1)  # multiples of the mesh rows only
+    assert got.batch_size == 4 and got.grad_accum == 8

@@ -25,11 +25,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from selfalign_jax.core import train
+from selfalign_jax.core import hostmem, train
 from selfalign_jax.core import generate as G
-from selfalign_jax.app import filters
+from selfalign_jax.app import config as app_config, filters
 from selfalign_jax.app.config import IsaraConfig
-from selfalign_jax.core.settings import GenConfig
+from selfalign_jax.core.settings import GenConfig, given_train_fields, pin_split
 from selfalign_jax.core.loaded import LoadedModel
 from selfalign_jax.core.mesh import make_mesh, writer_only
 from selfalign_jax.core.template import MARKERS, Template, cut
@@ -50,6 +50,11 @@ def log(msg: str) -> None:
     print(f"[isara {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def memory_note() -> str:
+    """This process's resident set now and its peak so far (the peak is what /usr/bin/time -v reports)."""
+    return f"RSS {hostmem.rss_bytes() / 2**30:.2f} GiB, peak {hostmem.peak_rss_bytes() / 2**30:.2f} GiB"
+
+
 def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_size=None,
              desc: str = "generate", mesh: str | None = None) -> list[str]:
     """Completions of `prompts` (text after the prompt, cut at the first template marker)."""
@@ -57,6 +62,7 @@ def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_
         + (f", {gen.num_beams} beams" if gen.num_beams > 1 else ""))
     res = G.generate(model.params, model.cfg, model.tokenizer, prompts, gen, stop=MARKERS, key=key,
                      batch_size=batch_size, progress=True, mesh=make_mesh(mesh) if mesh else None)
+    hostmem.release()  # the sampler's freed cache and working memory back to the kernel (core/hostmem.py)
     return [cut(r.text) for r in res]
 
 
@@ -163,6 +169,7 @@ def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: Is
     """Fine-tune the current model on `pairs` (loss on answers), export to out_dir, return M_t."""
     tcfg = dataclasses.replace(cfg.sft, lr=lr, seed=cfg.seed * 1000 + t, dtype=model.cfg.dtype,
                                max_length=min(cfg.sft.max_length, model.cfg.max_pos - 1), mesh=cfg.mesh or cfg.sft.mesh)
+    tcfg = pin_split(tcfg, given_train_fields(app_config.COMMAND_LINE, "sft."))  # --sft.batch-size etc. run as given
     base = json.loads((model.path / "config.json").read_text())
     log(f"SFT of {model.path.name} on {len(pairs)} pairs, lr {lr:.3g}")
     # Orbax train state (params + Adam moments in fp32: 3x the model): only for resuming this SFT, so it
@@ -172,6 +179,7 @@ def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: Is
                              template=Template(cfg.template, model.tokenizer), checkpoint_dir=ckpt, base_config=base)
     if ckpt.is_dir():
         writer_only("sft_ckpt", lambda: shutil.rmtree(ckpt))
+    hostmem.release()
     return trained
 
 

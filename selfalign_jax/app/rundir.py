@@ -311,7 +311,7 @@ class RunDir:
         t0 = time.time()
         rows = fn()
         writer_only("stage", lambda: fileio.write_jsonl(path, rows))
-        log(f"{path.relative_to(self.root)}: {len(rows)} rows in {time.time() - t0:.1f}s")
+        log(f"{path.relative_to(self.root)}: {len(rows)} rows in {time.time() - t0:.1f}s ({isara.memory_note()})")
         return rows
 
     def filter_stage(self, it: Path, fn) -> list[dict]:
@@ -351,7 +351,7 @@ class RunDir:
         else:
             t0 = time.time()
             fn(path)
-            log(f"{path.relative_to(self.root)}: fine-tuned in {time.time() - t0:.1f}s")
+            log(f"{path.relative_to(self.root)}: fine-tuned in {time.time() - t0:.1f}s ({isara.memory_note()})")
         return LazyModel(path, self.cfg.dtype)
 
     def eval_stage(self, name: str, model, scorer, row: str, iteration=None, demos_for=None, rounds=None) -> dict:
@@ -370,7 +370,7 @@ class RunDir:
             fileio.write_jsonl(d / "eval.jsonl", rows)
             fileio.write_json(d / "metrics.json", out)
         writer_only("eval", write)
-        log(f"{name}: evaluated in {time.time() - t0:.1f}s: "
+        log(f"{name}: evaluated in {time.time() - t0:.1f}s ({isara.memory_note()}): "
                   + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
         return out
 

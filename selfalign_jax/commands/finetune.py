@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from selfalign_jax.core.settings import FINETUNE_DEFAULT, TrainConfig
+from selfalign_jax.core.settings import FINETUNE_DEFAULT, TrainConfig, given_train_fields, pin_split
 
 
 def main(
@@ -43,6 +43,8 @@ def main(
         hbm_gib: memory per device in GiB for the up-front plan check (default: the accelerator's; none on a CPU).
     """
     from selfalign_jax import api
+    from selfalign_jax.app import config
 
+    cfg = pin_split(cfg, given_train_fields(config.COMMAND_LINE))  # --batch-size / --grad-accum / --remat as given
     api.finetune(model, data, out, template, checkpoint_dir, resume, export_dtype, overwrite,
                  distributed=distributed, hbm_gib=hbm_gib, cfg=cfg)

@@ -11,18 +11,27 @@ with the tunable added to GLIBC_TUNABLES (only where it applies: Linux, glibc >=
 "always" or "madvise" mode, no accelerator plugin installed nor accelerator device file present, JAX_PLATFORMS
 unset or cpu, and not inside a notebook kernel: a kernel must never be replaced under its client).
 SELFALIGN_HUGEPAGES=0 turns this off. In a notebook or your own script, start Python with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to get the same."""
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` to get the same.
+
+Host memory figures for the trainer's budget and the peak-memory lines: `available_bytes` (the kernel's
+MemAvailable), `rss_bytes` (this process's resident set now) and `peak_rss_bytes` (its high-water mark,
+getrusage's ru_maxrss, as /usr/bin/time -v reports it); `release` hands the heap's free pages back to the
+kernel (glibc's malloc_trim) between stages."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import os
 import platform
+import resource
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "SELFALIGN_HUGEPAGES"
 THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+MEMINFO = "/proc/meminfo"
 ACCELERATOR_DEVICES = ("/dev/accel0", "/dev/vfio/0", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
 NOTEBOOK_MODULES = ("ipykernel", "google.colab", "kaggle_secrets")
 ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
@@ -98,3 +107,56 @@ def reexec() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env())
     except OSError:  # cannot re-execute (unusual embedding): run on without
         return
+
+
+def _meminfo_kib(field: str, path: str = MEMINFO) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_bytes(path: str = MEMINFO) -> int | None:
+    """Host memory a new allocation can take without swapping (MemAvailable); None where unknown."""
+    kib = _meminfo_kib("MemAvailable", path)
+    if kib is not None:
+        return kib << 10
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS; the high-water mark where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak << 10
+
+
+def release() -> int:
+    """Return the free pages of every malloc arena to the kernel (glibc malloc_trim(0)); the bytes RSS dropped by
+    (0 where it did not apply: not glibc). glibc keeps what XLA:CPU and the tokenizers free inside its arenas (one per
+    thread, and blocks under the mmap threshold, which grows to 32 MiB as large blocks are freed): a stage's freed
+    working memory then stays resident into the next stage."""
+    name = ctypes.util.find_library("c")
+    if not name or platform.libc_ver()[0] != "glibc":
+        return 0
+    before = rss_bytes()
+    ctypes.CDLL(name).malloc_trim(0)
+    return max(0, before - rss_bytes())

@@ -265,6 +265,33 @@ def max_gen_batch(cfg: M.Config, gs: GenSettings, mesh: dict, hbm_gib: float) ->
                     m["data"] * m["fsdp"])
 
 
+def divisors(n: int, step: int = 1) -> list[int]:
+    """The divisors of n that are multiples of `step`, largest first."""
+    return [d for d in range(n, 0, -1) if n % d == 0 and d % step == 0]
+
+
+def fit_train(cfg: M.Config, ts: TrainSettings, mesh: dict, budget_bytes: int, *, split: bool = True,
+              max_rows: int | None = None, remat: bool = True) -> TrainSettings:
+    """The settings a step runs with under `budget_bytes` per device: the largest micro-batch that fits, a
+    divisor of ts.batch_size the mesh rows divide (at most `max_rows` when such a divisor exists; only
+    ts.batch_size itself without `split`), with grad_accum raised so batch_size * grad_accum stays; remat (where
+    `remat` allows it) only when no micro-batch fits without it. Nothing fits: the smallest micro-batch, with
+    remat where allowed."""
+    m = full_mesh(mesh)
+    sizes = divisors(ts.batch_size, m["data"] * m["fsdp"]) or [ts.batch_size]
+    if not split:
+        sizes = [ts.batch_size]
+    capped = [b for b in sizes if max_rows is None or b <= max_rows]
+    sizes = capped or sizes[-1:]
+    eff = ts.batch_size * ts.grad_accum
+    cands = [dataclasses.replace(ts, batch_size=b, grad_accum=eff // b, remat=r)
+             for r in sorted({ts.remat, remat or ts.remat}) for b in sizes]
+    for c in cands:
+        if train_bytes(cfg, c, m)["total"] <= budget_bytes:
+            return c
+    return cands[-1]
+
+
 def suggest_mesh(cfg: M.Config, devices: int, hbm_gib: float, ts: TrainSettings | None = None,
                  gs: GenSettings | None = None) -> dict[str, dict[str, int]]:
     """Meshes for `devices` devices. Training: all on data when the replicated state (params,

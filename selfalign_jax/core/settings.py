@@ -51,7 +51,7 @@ def _check(owner: str, obj, rules) -> None:
 # settings that change how a run is laid out or checkpointed, not its results (up to float summation
 # order): a run or a fine-tune resumes across them
 RESULT_NEUTRAL = frozenset({"checkpoint_every", "keep_checkpoints", "mesh", "remat", "loss_chunk", "streams",
-                            "packing"})
+                            "packing", "auto_fit", "memory_gib"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,12 @@ class TrainConfig:
     lora_alpha: float = 16.0  # LoRA scale = alpha / rank
     lora_targets: tuple[str, ...] = LORA_TARGETS  # the projections that get adapters
     remat: bool = False  # rematerialise each layer in the backward pass
+    # the trainer runs each step in micro-batches of fewer rows (grad_accum raised by the same factor: with
+    # loss_norm "token" the same gradient up to float summation order) and turns remat on where the memory plan
+    # (core/plan.py) says the step needs it, and on a CPU takes at most CPU_MICRO_ROWS rows per micro-batch
+    # (core/train.py fit_memory); the command line turns it off when --batch-size, --grad-accum or --remat is given
+    auto_fit: bool = True
+    memory_gib: float = 0.0  # auto_fit's budget per device in GiB; 0: the memory at hand (HBM, or host RAM)
     loss_chunk: int = 512  # tokens per chunk of the fused LM-head + cross-entropy (0: plain, full logits)
     streams: int = 0  # row slices of a micro-batch run side by side in one graph (CPU cores); 0: auto (4 on one CPU)
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # compute (masters, Adam stay fp32); auto: by backend
@@ -111,13 +117,35 @@ class TrainConfig:
             ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
             ("b1", 0 <= self.b1 < 1, "must be in [0, 1)"), ("b2", 0 <= self.b2 < 1, "must be in [0, 1)"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
-            ("streams", self.streams >= 0, "must be >= 0"),
+            ("streams", self.streams >= 0, "must be >= 0"), ("memory_gib", self.memory_gib >= 0, "must be >= 0"),
             ("lora_targets", not bad, f"has an unknown entry {bad[0] if bad else ''!r} (choose from "
                                       f"{', '.join(LORA_TARGETS)})")])
 
     def fingerprint_fields(self) -> dict:
         """The settings that determine the trajectory (a resumed run must match them)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESULT_NEUTRAL}
+
+
+# the TrainConfig fields whose values a command line fixes for auto_fit: given, the trainer runs them as they are
+SPLIT_FIELDS = ("batch_size", "grad_accum", "remat")
+
+
+def pin_split(tcfg: TrainConfig, given) -> TrainConfig:
+    """tcfg with auto_fit off when `given` (TrainConfig field names a command line set) names a SPLIT_FIELDS
+    field; unchanged otherwise."""
+    return dataclasses.replace(tcfg, auto_fit=False) if set(given or ()) & set(SPLIT_FIELDS) else tcfg
+
+
+def given_train_fields(argv, prefix: str = "") -> set[str]:
+    """The TrainConfig fields a command line names (`--grad-accum 2`, `--sft.remat`, `--no-remat`), flags
+    spelled with `prefix` ("sft." in `selfalign run`); empty for no command line."""
+    names, got = {f.name for f in dataclasses.fields(TrainConfig)}, set()
+    for a in argv or ():
+        if not a.startswith("--" + prefix):
+            continue
+        name = a[2 + len(prefix):].split("=", 1)[0].replace("-", "_")
+        got |= {c for c in (name, name[3:] if name.startswith("no_") else "") if c in names}
+    return got
 
 
 # `selfalign finetune`'s (and `api.finetune`'s) defaults where they differ from the library's: dtype from

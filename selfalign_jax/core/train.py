@@ -34,6 +34,7 @@ Public API:
     TrainConfig (selfalign_jax.core.settings)                 hyper-parameters (paper defaults)
     lr_schedule(tcfg, total_steps), make_optimizer(tcfg)
     Trainer(cfg, tcfg, total_steps, mesh)                .init_state / .step / .merged / .loss
+    fit_memory(cfg, tcfg, mesh) -> (tcfg, line)              auto_fit: the micro-batch / remat a step runs with
     train(cfg, params, enc, tcfg, ...) -> (state, frozen, trainer, history)
     finetune(model, pairs, tokenizer, out_dir, tcfg, template, ...) -> LoadedModel
 """
@@ -61,8 +62,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from selfalign_jax.core import checkpoint, fileio, lora
+from selfalign_jax.core import checkpoint, fileio, hostmem, lora
 from selfalign_jax.core import mesh as meshlib
+from selfalign_jax.core import plan as planlib
 from selfalign_jax.core import model as M
 from selfalign_jax.core.batching import Encoded, Pair, encode_pairs, make_batch, plan_epoch
 from selfalign_jax.core.settings import TrainConfig
@@ -191,6 +193,7 @@ class StepSpec:
     @classmethod
     def of(cls, cfg: M.Config, tcfg: TrainConfig, streams: int, mesh: Mesh, rules: M.ShardingRules) -> "StepSpec":
         static = dataclasses.replace(tcfg, lr=TrainConfig.lr, warmup_ratio=TrainConfig.warmup_ratio,
+                                     auto_fit=TrainConfig.auto_fit, memory_gib=TrainConfig.memory_gib,
                                      seed=0, epochs=1, max_length=TrainConfig.max_length, bucket=TrainConfig.bucket,
                                      batch_size=TrainConfig.batch_size, grad_accum=TrainConfig.grad_accum,
                                      checkpoint_every=0, keep_checkpoints=2, mesh=None, dtype=tcfg.dtype,
@@ -448,6 +451,64 @@ def _read_meta(mngr, step: int) -> dict:
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
+# ------------------------------------------------------------------------------------ memory fit
+CPU_MICRO_ROWS = 4  # on a CPU, micro-batches of more rows are no faster (one row per stream; module fit_memory)
+
+
+def memory_at_hand(device) -> tuple[int, str] | None:
+    """(bytes, what they are) a step may use on `device`: its memory limit on an accelerator; on a CPU the host
+    RAM available plus what this process holds now (it holds the model the plan counts). None where unknown."""
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        return (int(stats["bytes_limit"]), f"{device.device_kind} memory") if stats.get("bytes_limit") else None
+    avail = hostmem.available_bytes()
+    return (avail + hostmem.rss_bytes(), "host RAM available") if avail is not None else None
+
+
+def _per_device(at_hand: tuple[int, str] | None, mesh: Mesh) -> tuple[int, str] | None:
+    """A CPU's host RAM is shared by its devices (XLA's host platform with several devices): its share."""
+    n = mesh.devices.size
+    if at_hand is None or n == 1 or mesh.devices.flat[0].platform != "cpu":
+        return at_hand
+    return at_hand[0] // n, f"{at_hand[1]} / {n} devices"
+
+
+def fit_memory(cfg: M.Config, tcfg: TrainConfig, mesh: Mesh) -> tuple[TrainConfig, str | None]:
+    """auto_fit: the settings a step runs with and one line saying why (None when auto_fit is off). The planner
+    (core/plan.py fit_train) takes the largest micro-batch, a divisor of batch_size, that fits HEADROOM of the
+    budget (memory_gib, else the memory at hand) with grad_accum raised so the effective batch stays, and remat
+    only where no micro-batch fits without it (not on a CPU: XLA:CPU keeps the same temporaries with remat, module
+    doc of core/plan.py). On a CPU micro-batches hold at most CPU_MICRO_ROWS rows: XLA:CPU's
+    step time does not grow with fewer rows there (SmolLM2-135M, 16 rows x 256 tokens a step on 2 cores: 46 s as
+    16 x 1, 45 s as 4 x 4, at 11.5 vs 6.5 GiB peak RSS), so the smaller step costs no time. With loss_norm
+    "sequence" the split is part of the loss: only remat may change."""
+    if not tcfg.auto_fit:
+        return tcfg, None
+    dev = mesh.devices.flat[0]
+    at_hand = (int(tcfg.memory_gib * planlib.GIB), "--memory-gib") if tcfg.memory_gib else \
+        _per_device(memory_at_hand(dev), mesh)
+    cpu = dev.platform == "cpu"
+    ts = planlib.TrainSettings(batch_size=tcfg.batch_size, max_length=tcfg.max_length,
+                               dtype=meshlib.compute_dtype(tcfg.dtype), lora_rank=tcfg.lora_rank,
+                               lora_targets=tuple(tcfg.lora_targets), remat=tcfg.remat, grad_accum=tcfg.grad_accum,
+                               loss_chunk=tcfg.loss_chunk)
+    sizes = {k: int(v) for k, v in mesh.shape.items()}
+    budget = int(planlib.HEADROOM * at_hand[0]) if at_hand else 1 << 62
+    got = planlib.fit_train(cfg, ts, sizes, budget, split=tcfg.loss_norm == "token",
+                            max_rows=CPU_MICRO_ROWS if cpu else None, remat=not cpu)
+    out = dataclasses.replace(tcfg, batch_size=got.batch_size, grad_accum=got.grad_accum, remat=got.remat)
+    need = planlib.train_bytes(cfg, got, sizes)["total"]
+    why = [f"plan {need / planlib.GIB:.2f} GiB per device"
+           + (f" of {budget / planlib.GIB:.2f} GiB usable ({planlib.HEADROOM:.0%} of {at_hand[1]})" if at_hand else "")]
+    if need > budget:
+        why.append("does not fit even so")
+    if cpu and got.batch_size < tcfg.batch_size and got.batch_size == CPU_MICRO_ROWS:
+        why.append(f"on a CPU at most {CPU_MICRO_ROWS} rows a micro-batch (no slower, less memory)")
+    line = (f"micro-batch {got.batch_size} x {got.grad_accum} (of {tcfg.batch_size} x {tcfg.grad_accum}, effective "
+            f"batch {tcfg.effective_batch}), remat {'on' if got.remat else 'off'}: {'; '.join(why)}")
+    return out, line
+
+
 # ------------------------------------------------------------------------------------------ loop
 def _finite(x) -> bool:
     return bool(np.isfinite(x))
@@ -464,9 +525,14 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
         raise UserError("no training examples (every example lost its answer to truncation?)")
     spe = -(-len(enc) // tcfg.effective_batch)
     total = spe * tcfg.epochs
-    trainer = Trainer(cfg, tcfg, total, mesh)
+    # the fingerprint holds the settings as asked: a resume on a machine with other memory fits them anew
     fp = {"data": enc.fingerprint(), "n": len(enc), "config": tcfg.fingerprint_fields(), "family": cfg.family,
           "shape": [cfg.vocab_size, cfg.hidden, cfg.n_layers]}
+    mesh = mesh if mesh is not None else meshlib.make_mesh(tcfg.mesh)
+    tcfg, fitted = fit_memory(cfg, tcfg, mesh)
+    if fitted and meshlib.is_writer():
+        print(f"finetune: {fitted}", file=sys.stderr)
+    trainer = Trainer(cfg, tcfg, total, mesh)
 
     def get_params():
         if params is not None:
@@ -546,6 +612,8 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
             # overlap: the next batch is built while this step runs; read the previous step's metrics
             drain()
             pending.append((s, m))
+            if s == start:  # the compile's freed memory back to the kernel (core/hostmem.py release)
+                hostmem.release()
             if mngr is not None and tcfg.checkpoint_every and (s + 1) % tcfg.checkpoint_every == 0 and s + 1 < total:
                 drain()  # never save past a non-finite step
                 _save(mngr, state, meta_for(s + 1))
@@ -653,7 +721,9 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
         export(out_dir, cfg, final, tokenizer_from=model_dir if model_dir is not None else tokenizer, dtype=dt,
                base_config=base_config, overwrite=overwrite)
         if meshlib.is_writer():
+            ran = trainer.tcfg
             summary = {"train_config": dataclasses.asdict(train_cfg), "examples": len(enc),
+                       "ran_with": {"batch_size": ran.batch_size, "grad_accum": ran.grad_accum, "remat": ran.remat},
                        "truncated": enc.truncated, "dropped": enc.dropped, "steps": trainer.total_steps,
                        "mesh": dict(trainer.mesh.shape), "history": history}
             fileio.write_json(Path(out_dir) / "selfalign_train.json", summary)
