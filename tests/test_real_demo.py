@@ -97,3 +97,46 @@ def test_real_demo_small(tmp_path, monkeypatch):
     md = (tmp_path / "run" / "report.md").read_text()
     assert md.splitlines()[2].startswith("| model | compliance | benign_refusal |")
     assert (tmp_path / "cache" / real_demo.MODEL_NAME / ".source.json").is_file()
+
+
+# ------------------------------------------------------------------- --model PATH, --domain (no SmolLM2 needed)
+def test_user_model_hf_directory_is_used_as_is(tmp_path):
+    from tests.hf_fixtures import make_model
+
+    make_model("llama", tmp_path / "m")
+    assert real_demo.user_model(tmp_path / "m", tmp_path / "cache") == tmp_path / "m"
+    assert real_demo.default_template(tmp_path / "m") == "plain"  # no chat template: the paper's plain one
+    assert not (tmp_path / "cache").exists()
+
+
+def test_user_model_bad_paths_are_named(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        real_demo.user_model(tmp_path / "nope", tmp_path / "cache")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="not a .gguf"):
+        real_demo.user_model(tmp_path / "weights.bin", tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        real_demo.user_model(tmp_path / "empty", tmp_path / "cache")
+
+
+def test_user_gguf_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    from tests.hf_fixtures import make_model, write_gguf
+
+    gguf = write_gguf(make_model("llama", tmp_path / "src", tokenizer=False), tmp_path / "tiny.gguf", "llama")
+    out = real_demo.user_model(gguf, tmp_path / "cache")
+    assert out.parent == tmp_path / "cache" / "models" and out.name.startswith("tiny-")
+    assert (out / "config.json").is_file() and json.loads((out / ".source.json").read_text())["sha256"]
+    assert real_demo.default_template(out) == "chat"  # the GGUF's tokenizer carries a chat template
+    monkeypatch.setattr(real_demo.gguf_import, "convert", lambda *a, **k: pytest.fail("converted twice"))
+    assert real_demo.user_model(gguf, tmp_path / "cache") == out
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(domain="truthful"), "need --real"), (dict(template="plain"), "need --real"),
+                                     (dict(real=True, domain="hate"), "synthetic-world domain")])
+def test_demo_domain_and_model_flags_are_checked(tmp_path, kw, msg):
+    from selfalign_jax.commands import demo as demo_cmd
+
+    with pytest.raises(UserError, match=msg):
+        demo_cmd.main(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", **kw)
+    assert not (tmp_path / "run").exists()

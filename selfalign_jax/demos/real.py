@@ -6,8 +6,15 @@ the cache (`$SELFALIGN_CACHE` or ~/.cache/selfalign-jax) as an HF safetensors di
 ISARA from the project's own safety seeds (assets/safety, chat template), run the baselines and score
 held-out harmful / benign prompts with the refusal-phrase judge (refusal.py).
 
+With `--model PATH` the same data, judge, baselines and report run on the user's own checkpoint (an HF
+directory, or a .gguf converted once into the cache like SmolLM2), with its chat template when its
+tokenizer has one and the paper's plain template otherwise (a base model). The truthfulness domain is in
+truthful.py.
+
 API
     locate_gguf() -> Path; ensure_model(cache_dir=None) -> Path (the converted HF directory)
+    user_model(path, cache_dir=None) -> Path (an HF directory: itself; a .gguf: converted once into the cache)
+    default_template(model_dir) -> "chat" | "plain"
     load_assets() -> (seeds, helpful_seeds, eval_rows); eval_subset(rows, n_harmful, n_benign)
     REAL: the run's IsaraConfig; run_real(...) -> (summary dict, metrics rows)
 """
@@ -22,7 +29,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from selfalign_jax.core import fileio, gguf_import
+from selfalign_jax.core import checkpoint, fileio, gguf_import, hostmem
 from selfalign_jax.app import isara, rundir
 from selfalign_jax.app.config import IsaraConfig
 from selfalign_jax.core.settings import GenConfig, TrainConfig
@@ -103,6 +110,37 @@ def ensure_model(cache_dir=None) -> Path:
     return out
 
 
+def user_model(path, cache_dir=None) -> Path:
+    """The user's checkpoint as an HF directory: a directory is checked (config.json) and used as is; a
+    .gguf file is converted once into the cache (models/<stem>-<first 12 hex of its sha256>)."""
+    path = Path(path)
+    if path.is_dir():
+        checkpoint.read_config(path)  # a missing or broken config.json: one line naming it
+        return path
+    if not path.is_file():
+        raise UserError(f"--model: {path} does not exist (give an HF model directory or a .gguf file)")
+    if path.suffix.lower() != ".gguf":
+        raise UserError(f"--model: {path} is a file but not a .gguf (give an HF model directory or a .gguf file)")
+    digest = sha256(path)
+    out = Path(cache_dir or default_cache_dir()) / "models" / f"{path.stem}-{digest[:12]}"
+    marker = out / ".source.json"
+    if marker.is_file() and json.loads(fileio.read_text(marker)).get("sha256") == digest:
+        return out
+    t0 = time.time()
+    isara.log(f"converting {path.name} into {out}")
+    with fileio.atomic(out, directory=True) as tmp:
+        gguf_import.convert(path, tmp, overwrite=True)
+        fileio.write_json(tmp / ".source.json", {"gguf": str(path.resolve()), "sha256": digest})
+    isara.log(f"converted in {time.time() - t0:.1f}s")
+    return out
+
+
+def default_template(model_dir) -> str:
+    """"chat" when the checkpoint's tokenizer has a chat template (an instruct model), else "plain"."""
+    tok = checkpoint.load_tokenizer(model_dir)
+    return "chat" if getattr(tok, "chat_template", None) else "plain"
+
+
 # ------------------------------------------------------------------------------------------ the data
 def _asset(name: str) -> list[dict]:
     return fileio.read_jsonl(ASSETS / name)
@@ -146,6 +184,7 @@ def summary(rows: list[dict], minutes: float, run_dir: Path, model_dir: Path | N
             out[f"{key}_benign_refusal"] = by[name].get("benign_refusal")
     out["kept"] = [r.get("kept") for r in its]
     out["minutes"] = round(minutes, 2)
+    out["peak_rss_gib"] = round(hostmem.peak_rss_bytes() / 2**30, 2)  # this process's, as /usr/bin/time -v reports
     out["run_dir"] = str(run_dir)
     out["model_dir"] = str(model_dir) if model_dir else None
     return out
@@ -154,20 +193,22 @@ def summary(rows: list[dict], minutes: float, run_dir: Path, model_dir: Path | N
 def run_real(run_dir: Path, seed: int = 0, iterations: int = 2, all_baselines: bool = False,
              full_eval: bool = False, cache_dir=None, force: bool = False, cfg: IsaraConfig | None = None,
              helpful_seeds: bool | None = None, subset: tuple[int, int] | None = None,
-             baselines: tuple[str, ...] | None = None) -> tuple[dict, list[dict]]:
+             baselines: tuple[str, ...] | None = None, model_dir: Path | None = None,
+             template: str | None = None) -> tuple[dict, list[dict]]:
     """The whole real demo into run_dir (resumable); cfg / helpful_seeds / subset default to the module's
-    REAL / USE_HELPFUL_SEEDS / SUBSET; baselines default to BASELINES (+ ALL_BASELINES with all_baselines).
+    REAL / USE_HELPFUL_SEEDS / SUBSET; baselines default to BASELINES (+ ALL_BASELINES with all_baselines);
+    model_dir (an HF directory, see user_model) to SmolLM2-135M-Instruct from the cache, template to cfg's.
     Returns the summary (also run_dir/demo.json) and the metrics rows."""
     t0 = time.time()
     cfg = REAL if cfg is None else cfg
     helpful_seeds = USE_HELPFUL_SEEDS if helpful_seeds is None else helpful_seeds
     subset = SUBSET if subset is None else subset
-    model = ensure_model(cache_dir)
+    model = Path(model_dir) if model_dir is not None else ensure_model(cache_dir)
     seeds, helpful, evals = load_assets()
     seed_rows = [{"question": s["question"], "answer": s["answer"]} for s in seeds + (helpful if helpful_seeds else [])]
     if not full_eval:
         evals = eval_subset(evals, *subset)
-    cfg = dataclasses.replace(cfg, iterations=iterations, seed=seed)
+    cfg = dataclasses.replace(cfg, iterations=iterations, seed=seed, template=template or cfg.template)
     note = {"demo": "real", "helpful_seeds": helpful_seeds}
     isara.log(f"ISARA on {model.name}: {len(seed_rows)} seeds, {len(evals)} eval prompts, seed {seed}")
     scorer = RefusalScorer()

@@ -10,8 +10,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from selfalign_jax.core.buckets import run_padded
 from selfalign_jax.core.errors import UserError
-from selfalign_jax.app.evaluate.base import check_answers, records_for, result
+from selfalign_jax.app.evaluate.base import check_answers, pad_id, records_for, result
+from selfalign_jax.app.evaluate.likelihood import _cont_fn, _encode_pairs
 from selfalign_jax.app.filters import rouge_l
 from selfalign_jax.core.template import Template
 
@@ -155,3 +157,22 @@ class TruthfulQAMCScorer:
                    for k in ("mc1", "mc2", "mc3", "mc_acc")}
         metrics["norm_mean"] = float(self.norm == "mean")
         return result(self.name, len(items), metrics, items)
+
+
+def reference_logprobs(lm, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
+                       multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """continuation_logprobs with each batch padded to a multiple of `multiple` tokens instead of a power
+    of two (MC rows are short and many: about half the padded compute). The pad tokens go after each
+    row's last token, outside its target mask, so a causal model's scores do not change."""
+    if len(prompts) != len(continuations):
+        raise ValueError("prompts and continuations differ in length")
+    if not prompts:
+        return np.zeros(0), np.zeros(0, np.int64)
+    cfg, params, tok = lm.cfg, lm.params, lm.tokenizer
+    rows, masks = _encode_pairs(tok, prompts, continuations, cfg.max_pos)
+    pid = pad_id(cfg, tok)
+    padded = [r + [pid] * (-len(r) % multiple if len(r) + multiple <= cfg.max_pos else 0) for r in rows]
+    fn = _cont_fn()
+    res = run_padded(padded, lambda t, v, m: fn(params, cfg, t, v, m), batch_size, pid, masks=masks,
+                     min_len=multiple, max_len=multiple)
+    return res[:, 0].astype(np.float64), res[:, 1].astype(np.int64)
