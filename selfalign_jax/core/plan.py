@@ -44,7 +44,16 @@ Estimates (documented, not exact; what the jitted step keeps alive, read from tr
     per row is `sizing.work_bytes` (the one formula sizing.auto_batch_size uses too): the prefill's
     fp32 scores of one key block and MLP activations of one chunk of prompt tokens, or the decode
     step's fp32 logits (10 x V x 4), whichever is larger.
+  * continuous batching's insertion (`generate/steps.insert`): the new rows' prompts are prefilled into a
+    cache of their own (rows x Tp slots) before they are placed into the batch's; the first insertion fills
+    every row, so that cache is counted for the whole batch (XLA:CPU's memory_analysis of insert on SmolLM2's
+    shape, 32 rows, Tp 384: 0.80 GiB of temporaries beside the 0.70 GiB cache, against 0.53 + 0.48 predicted).
 A run fits when the total is under `HEADROOM` x hbm (XLA's scratch, fragmentation, the runtime).
+
+On a CPU the device memory is the process's: `host_rss` adds what the process holds besides the step, the
+imported runtime (HOST_RUNTIME: Python, JAX, the tokenizer libraries; 0.22-0.26 GiB measured) and one more copy
+of the parameters in the compute dtype (SFT: the caller's model, kept while the trainer's fp32 masters train;
+generation: the transient [in, out] copy `generate.sampler.prepare` makes on a CPU).
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ QUERY_BLOCK = M.QUERY_BLOCK
 MAX_SEARCH = 1 << 14  # largest batch the fit search tries
 RULES = M.ShardingRules()  # the trainer's default placement
 SCORE_COPIES = 5  # fp32 score-sized arrays kept per attention block (calibrated on XLA:CPU, see module doc)
+HOST_RUNTIME = 1 << 28  # 0.25 GiB: the RSS of a process that imported the package and JAX (module doc)
 
 
 # ------------------------------------------------------------------------------------- settings
@@ -210,6 +220,7 @@ def train_bytes(cfg: M.Config, ts: TrainSettings, mesh: dict | None = None) -> d
     out["activations"] = remat if ts.remat else full
     out["loss"] = _loss_bytes(cfg, rows, T, cdt, ts.loss_chunk, m)
     out["total"] = sum(out[k] for k in ("params", "lora", "optimizer", "gradients", "work", "activations", "loss"))
+    out["host_rss"] = out["total"] + HOST_RUNTIME + spec_bytes(specs, cdt, m)
     return out
 
 
@@ -226,8 +237,10 @@ def gen_bytes(cfg: M.Config, gs: GenSettings, mesh: dict | None = None) -> dict[
     out = {"params": spec_bytes(M.param_specs(cfg), gs.dtype, m),
            "kv_per_sequence": kv_bytes_per_seq(cfg, S, gs.dtype, t),
            "kv_cache": kv_bytes(cfg, gs.batch_size, S, gs.dtype, m),
-           "work": rows * sizing.work_bytes(cfg, Tp, Tn, N, F, _isz(gs.dtype))}
-    out["total"] = out["params"] + out["kv_cache"] + out["work"]
+           "work": rows * sizing.work_bytes(cfg, Tp, Tn, N, F, _isz(gs.dtype)),
+           "insert": kv_bytes(cfg, gs.batch_size, Tp, gs.dtype, m)}
+    out["total"] = out["params"] + out["kv_cache"] + out["work"] + out["insert"]
+    out["host_rss"] = out["total"] + HOST_RUNTIME + out["params"]
     return out
 
 
@@ -433,12 +446,14 @@ def table(p: dict) -> str:
     for k, name in (("params", "parameters"), ("lora", "LoRA adapters"), ("optimizer", "optimizer (AdamW fp32)"),
                     ("gradients", "gradients (fp32)"), ("work", "compute copy / merged"),
                     ("activations_no_remat", "activations, no remat"), ("activations_remat", "activations, remat"),
-                    ("loss", "fused loss"), ("total", "total")):
+                    ("loss", "fused loss"), ("total", "total"), ("host_rss", "process RSS on a CPU")):
         lines.append(row(name, t[k]))
     lines.append(f"generation: batch {gs['batch_size']}, {gs['prompt_len']} + {gs['max_new_tokens']} tokens, "
                  f"{gs['dtype']}")
     for k, name in (("params", "parameters"), ("kv_per_sequence", "KV cache per sequence"),
-                    ("kv_cache", "KV cache, batch"), ("work", "working memory"), ("total", "total")):
+                    ("kv_cache", "KV cache, batch"), ("work", "working memory"),
+                    ("insert", "inserted rows' prompt cache"), ("total", "total"),
+                    ("host_rss", "process RSS on a CPU")):
         lines.append(row(name, g[k]))
     sm = p["suggested_mesh"]
     lines.append(f"largest SFT micro-batch that fits: {p['max_train_batch']}; largest generation batch: "
