@@ -22,7 +22,7 @@ from selfalign_jax.core import model as M
 from selfalign_jax.core import batching, train
 from selfalign_jax.core import mesh as MS
 from selfalign_jax.core import plan as P
-from selfalign_jax.core.settings import pin_split
+from selfalign_jax.core.settings import given_train_fields, pin_split
 from selfalign_jax.core.errors import UserError
 from selfalign_jax.core.loaded import LoadedModel
 
@@ -187,6 +187,18 @@ def test_fit_memory_splits_to_the_budget_and_keeps_what_is_pinned(base):
     assert train.fit_memory(cfg, dataclasses.replace(tc, memory_gib=budget, auto_fit=False), mesh) == (
         dataclasses.replace(tc, memory_gib=budget, auto_fit=False), None)
     assert not pin_split(tc, {"grad_accum"}).auto_fit and pin_split(tc, {"lr"}).auto_fit
+
+
+def test_command_line_flags_pin_the_split():
+    """`finetune --batch-size 4` / `run --sft.grad-accum 2` / `--no-remat` name fields auto_fit leaves alone; `run
+    --batch-size` is the generation batch, not the trainer's."""
+    assert given_train_fields(["finetune", "--batch-size", "4", "--lr=1e-3", "--no-remat"]) == {"batch_size", "lr",
+                                                                                               "remat"}
+    assert given_train_fields(["run", "--sft.grad-accum", "2", "--batch-size", "8"], "sft.") == {"grad_accum"}
+    assert given_train_fields(None) == set()
+    tc = train.TrainConfig()
+    assert not pin_split(tc, given_train_fields(["--sft.remat"], "sft.")).auto_fit
+    assert pin_split(tc, given_train_fields(["--sft.lr", "1e-4"], "sft.")).auto_fit
 
 
 # ------------------------------------------------------------------------------------------ loss
