@@ -52,7 +52,7 @@ SUBSET = 80  # held-out questions of the default evaluation (round-robin over th
 MC_SUBSET = 40  # of those, the ones also scored by MC likelihoods (the default run; --full-eval: all)
 BASELINES = ("sft", "icl-knn")
 ALL_BASELINES = ("icl-random", "one-round")
-MC_BATCH = 16
+MC_BATCH = 8  # rows per likelihood batch (the logits of 8 rows x 49k vocab stay small)
 TABLE_COLS = ["rouge_diff", "rouge_acc", "bleu_diff", "bleu_acc", "mc1", "mc2", "kept", "scaling_ratio"]
 
 
