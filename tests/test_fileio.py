@@ -49,3 +49,10 @@ def test_records_name_file_and_line(tmp_path):
     assert [w.split(": ")[-1] for w, _ in fileio.records(q)] == ["item 1", "item 2"]
     fileio.write_json(tmp_path / "m.json", {"k": [1]})
     assert json.loads((tmp_path / "m.json").read_text()) == {"k": [1]}
+
+
+def test_default_cache_dir_honours_the_env_var(monkeypatch, tmp_path):
+    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path))
+    assert fileio.default_cache_dir() == tmp_path
+    monkeypatch.delenv("SELFALIGN_CACHE")
+    assert fileio.default_cache_dir().parts[-2:] == (".cache", "selfalign-jax")

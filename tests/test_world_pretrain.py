@@ -61,13 +61,6 @@ def test_cache_is_reused_without_retraining(micro):
     assert P.cache_key(0, P.DEFAULT) != P.cache_key(0, P.MICRO)
 
 
-def test_default_cache_dir_honours_the_env_var(monkeypatch, tmp_path):
-    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path))
-    assert P.default_cache_dir() == tmp_path
-    monkeypatch.delenv("SELFALIGN_CACHE")
-    assert P.default_cache_dir().parts[-2:] == (".cache", "selfalign-jax")
-
-
 def test_pack_keeps_documents_whole():
     docs = [[1] + [5] * n + [2] for n in (10, 3, 7, 1, 12, 4)]
     rows = P.pack(docs, 16)
