@@ -41,6 +41,8 @@ The machine may be shared: ratios in one run are what to compare, absolute numbe
     python scripts/bench_sampling.py [--threads N] [--reps 2] [--skip-ref] [--workload-prompts 256]
     python scripts/bench_sampling.py --workload-only --skip-ref   # our static and continuous workload only
     python scripts/bench_sampling.py --workload-only --skip-ref --shrink-from 1000000   # ... the cache never shrinking
+    python scripts/bench_sampling.py --workload-only --ref-device cuda --workload-prompts 128   # on a GPU, both sides
+    python scripts/bench_sampling.py --workload-only --toy --workload-prompts 8   # a 2-layer model: seconds on a CPU
 The last line printed is a JSON object.
 """
 
@@ -63,6 +65,8 @@ CONFIG = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attent
               intermediate_size=1408, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
               pad_token_id=0, rms_norm_eps=1e-5, tie_word_embeddings=False)
 BATCH, PROMPT, NEW = 32, 128, 128
+TOY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=128)
 GREEDY_STATIC = GenConfig(max_new_tokens=NEW, temperature=0.0, continuous=False)
 
 
@@ -167,7 +171,11 @@ def main():
     ap.add_argument("--shrink-from", type=int, default=None,
                     help="core.generate.continuous.SHRINK_FROM: prompt slots from which continuous batching shrinks "
                          "its cache (a huge value: never)")
+    ap.add_argument("--ref-device", default="cpu", help="torch device of the transformers side (cuda on a GPU)")
+    ap.add_argument("--toy", action="store_true", help="a 2-layer hidden-64 model (quick CPU runs)")
     args = ap.parse_args()
+    if args.toy:
+        CONFIG.update(TOY)
 
     import torch
     import transformers
@@ -189,6 +197,7 @@ def main():
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).float().eval()
     hf.save_pretrained(str(model_dir), safe_serialization=True)
+    hf = hf.to(args.ref_device)
     cfg, params = checkpoint.load(model_dir, dtype="float32")
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, CONFIG["vocab_size"], (BATCH, PROMPT)).astype(np.int32)
@@ -283,7 +292,7 @@ def main():
                ours_decode_cpu_util=round(dec_cpu / dec_s, 2), threads=args.threads, batch=BATCH, prompt=PROMPT,
                new=NEW)
     if not args.skip_ref:
-        ids = torch.tensor(prompts, dtype=torch.long)
+        ids = torch.tensor(prompts, dtype=torch.long, device=args.ref_device)
         mask = torch.ones_like(ids)
         gen = dict(do_sample=False, pad_token_id=0)
         with torch.no_grad():
@@ -292,7 +301,7 @@ def main():
                                                              min_new_tokens=NEW, **gen))
             _, ref1_s, _ = timed(lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1,
                                                      min_new_tokens=1, **gen))
-        ref_new = ref[:, PROMPT:].numpy()
+        ref_new = ref[:, PROMPT:].cpu().numpy()
         assert ref_new.shape == (BATCH, NEW)
         ours_ids = np.array([r.token_ids for r in res])
         agree16 = float(np.mean((ours_ids[:, :16] == ref_new[:, :16]).all(1)))
@@ -372,6 +381,7 @@ def workload(args, hf, params, cfg, tok, torch) -> dict:
                 for r, i in enumerate(rows):
                     ids[r, T - len(prompts[i]):] = torch.tensor(prompts[i])
                     mask[r, T - len(prompts[i]):] = 1
+                ids, mask = ids.to(args.ref_device), mask.to(args.ref_device)
                 m = max(limits[i] for i in rows)
                 with torch.no_grad():
                     hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=m, min_new_tokens=m,
