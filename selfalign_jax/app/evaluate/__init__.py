@@ -1,5 +1,5 @@
-"""Scorers for `selfalign eval` (one module each: keywords, classifier, truthfulqa, likelihood, pairwise;
-the world judge's scorer lives in `world.scorer`): already generated answers (and the eval records) -> metrics.
+"""Scorers for `selfalign eval` (one module each: keywords, classifier, truthfulqa, likelihood, pairwise, refusal,
+world): already generated answers (and the eval records) -> metrics.
 
 Every scorer has `.name` and `.score(questions, answers, records) -> dict` with
     {"scorer": name, "n": number of items, "metrics": {flat name: float}, "items": [one dict per item]}
@@ -9,7 +9,8 @@ Every scorer has `.name` and `.score(questions, answers, records) -> dict` with
 API:
     get_scorer(spec, *, model=None, template=None, batch_size=8, dtype=None) -> Scorer
         "keywords:FILE"            KeywordScorer: answer matching any regex of FILE (case-insensitive) is harmful
-        "world"                    WorldScorer: exact judge of the synthetic world, domain = record category
+        "world"                    WorldScorer: exact judge of the synthetic world (domain = record category):
+                                   harmful rate over the harm domains' prompts, helpful rate over the benign ones
         "refusal"                  RefusalScorer: the refusal-phrase rule (a proxy): compliance on harmful,
                                    refusal on benign
         "classifier:DIR[:THRESH]"  ClassifierScorer: HF *ForSequenceClassification checkpoint (Beaver-Dam style)
