@@ -37,7 +37,7 @@ import jax
 
 from selfalign_jax.core import checkpoint, fileio, gguf_import, train
 from selfalign_jax.core import generate as G
-from selfalign_jax.app import isara, rundir
+from selfalign_jax.app import isara, rundir, runlock
 from selfalign_jax.app import config as settings
 from selfalign_jax.app import data as dataset
 from selfalign_jax.core import mesh as MS
@@ -218,7 +218,8 @@ def read_prompts(path: Path) -> tuple[list[dict], list[str]]:
     """The objects of a JSONL file, each with a string "prompt" (blank lines skipped), and where each
     came from ("file:line"); errors name the line."""
     if not path.is_file():
-        raise UserError(f"prompts file not found: {path}")
+        raise UserError(f"{path}: is a directory; a prompts file is wanted" if path.is_dir()
+                        else f"prompts file not found: {path}")
     rows, where = [], []
     for w, obj in fileio.records(path):
         if not isinstance(obj.get("prompt"), str):
@@ -302,9 +303,14 @@ def finetune(model, data, out, template: str = "plain", checkpoint_dir=None, res
     if checkpoint_dir is not None:
         fileio.check_output(checkpoint_dir, "--checkpoint-dir", inputs={"--model": model, "--out": out},
                             directory=True, overwrite=True)
+    fileio.check_step_dirs(checkpoint_dir or out.with_name(out.name + ".ckpt"), "--checkpoint-dir", ("meta", "state"))
     check_model(model)
     pairs = dataset.read_pairs(data)
     start(distributed)
+    if MS.is_writer():  # one finetune per output (and checkpoint directory) at a time
+        runlock.acquire_output(out)
+        if checkpoint_dir is not None:
+            runlock.acquire_output(checkpoint_dir, "--checkpoint-dir")
     tcfg = dataclasses.replace(tcfg, dtype=MS.compute_dtype(tcfg.dtype))
     model = hf_model(model, models_cache(out))
     tok = checkpoint.load_tokenizer(model)

@@ -13,7 +13,7 @@ API:
     read_samples(path, fmt="auto") -> list[Sample]
     read_eval(path) -> list[dict]                               # eval rows, any format, >= 1 question
     read_seeds(path) -> list[dict]                              # seed pairs, any format, answers needed
-    detect_format(path) -> str
+    detect_format(path, hint) -> str
     filter_categories(samples, categories, path) -> list[Sample]
     split_seeds(samples, n, seed) -> (seeds, rest)
 
@@ -352,9 +352,11 @@ def _format_from_keys(keys: set[str]) -> str | None:
     return None
 
 
-def detect_format(path) -> str:
-    """Tell the schema from the extension and the CSV header or the first record's keys."""
+def detect_format(path, hint: str = "pass --format") -> str:
+    """Tell the schema from the extension and the CSV header or the first record's keys; `hint` ends the
+    message when it cannot (what the command can be told instead)."""
     path = Path(path)
+    fileio.check_input_file(path)
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(".csv"):
         text = fileio.read_text(path)
@@ -373,22 +375,21 @@ def detect_format(path) -> str:
         if keys is None:
             raise UserError(f"{path}: no records (the file is empty or blank)")
     else:
-        raise UserError(f"{path}: cannot tell the format from the extension (want .jsonl, .json, .csv); "
-                        f"pass --format")
+        raise UserError(f"{path}: cannot tell the format from the extension (want .jsonl, .json, .csv); {hint}")
     fmt = _format_from_keys(keys)
     if fmt is None:
-        raise UserError(f"{path}: cannot tell the format from fields {sorted(keys)}; pass --format "
+        raise UserError(f"{path}: cannot tell the format from fields {sorted(keys)}; {hint} "
                         f"({', '.join(FORMATS[1:])})")
     return fmt
 
 
-def load(path, fmt: str = "auto") -> Loaded:
+def load(path, fmt: str = "auto", hint: str = "pass --format") -> Loaded:
     """Read any supported schema into Samples; `skipped` counts rows left out by reason."""
     path = Path(path)
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "auto":
-        fmt = detect_format(path)
+        fmt = detect_format(path, hint)
     skipped: Counter = Counter()
     samples = _READERS[fmt](path, skipped)
     return Loaded(samples, fmt, skipped)
@@ -400,8 +401,14 @@ def read_samples(path, fmt: str = "auto") -> list[Sample]:
 
 def read_seeds(path) -> list[dict]:
     """Seed pairs (any format `load` reads) as plain dicts; an empty file, or a seed with an empty
-    question or answer, is a UserError naming the file and line (record, for converted formats)."""
-    loaded = load(path)
+    question or answer, is a UserError naming the file and line (record, for converted formats). Plain
+    {question, ...} lines without "answer" are named as such (the first line decides the format)."""
+    path = Path(path)
+    first = _first_record(path)
+    if first is not None and "question" in first[1] and "answer" not in first[1]:
+        raise UserError(f"{first[0]}: missing field 'answer' (a seed is a {{\"question\", \"answer\"}} pair)")
+    loaded = load(path, hint="seeds are {\"question\", \"answer\"} lines, or convert the file with "
+                             "`selfalign data --format ...`")
     if loaded.format == "qa":
         for where, obj in fileio.records(path):
             if not str(obj.get("answer", "")).strip():
@@ -412,6 +419,17 @@ def read_seeds(path) -> list[dict]:
     if not loaded.samples:
         raise UserError(f"{path}: no seed pairs")
     return [s.to_dict() for s in loaded.samples]
+
+
+def _first_record(path: Path) -> tuple[str, dict] | None:
+    """(where, object) of a JSONL / JSON file's first record; None for other files or none."""
+    if not path.name.lower().removesuffix(".gz").endswith((".jsonl", ".json")) or not path.is_file():
+        return None
+    it = fileio.records(path)
+    try:
+        return next(it, None)
+    finally:
+        it.close()
 
 
 def filter_categories(samples: list[Sample], categories, path="input") -> list[Sample]:
@@ -442,7 +460,9 @@ def split_seeds(samples: list[Sample], n: int, seed: int = 0) -> tuple[list[Samp
 def read_eval(path) -> list[dict]:
     """Eval rows (any format `selfalign data` reads) as plain dicts; at least one question."""
     try:
-        samples = read_samples(path) if detect_format(path) != "qa" else read_jsonl(path, require_answer=False)
+        hint = "convert it with `selfalign data --format ...` first"
+        samples = load(path, hint=hint).samples if detect_format(path, hint) != "qa" \
+            else read_jsonl(path, require_answer=False)
     except UserError:  # plain {question, ...} lines with no answer field
         if not str(path).endswith((".jsonl", ".jsonl.gz", ".json")):
             raise

@@ -21,8 +21,11 @@ import dataclasses
 import functools
 import hashlib
 import json
+import numbers
 import shutil
 import time
+import types
+import typing
 from pathlib import Path
 
 from selfalign_jax.core import checkpoint, embed, fileio
@@ -63,10 +66,16 @@ def from_dict(d: dict, where: str = "config") -> IsaraConfig:
     `lr_decay`.)"""
     sub = {"question_gen": GenConfig, "answer_gen": GenConfig, "sft": TrainConfig}
     names = {f.name for f in dataclasses.fields(IsaraConfig)}
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: a preset is a JSON object of fields, got {type(d).__name__}")
     kw = {}
     for k, v in d.items():
         if k not in names:
             raise UserError(f"{where}: unknown field {k!r}")
+        if k in sub and not isinstance(v, dict):
+            raise UserError(f"{where}: field {k!r} must be an object of {sub[k].__name__} fields, got {_shown(v)}")
+        if k not in sub:
+            _check_type(IsaraConfig, k, v, where)
         if k in sub:
             v = dict(v)
             if k == "sft" and "lr_decay" in v:
@@ -75,6 +84,8 @@ def from_dict(d: dict, where: str = "config") -> IsaraConfig:
             bad = set(v) - fields
             if bad:
                 raise UserError(f"{where}: unknown field {k}.{sorted(bad)[0]}")
+            for name, x in v.items():
+                _check_type(sub[k], name, x, where, f"{k}.")
             for name in ("lora_targets", "exponential_decay_length_penalty"):  # JSON lists -> tuples
                 if isinstance(v.get(name), list):
                     v[name] = tuple(v[name])
@@ -87,6 +98,55 @@ def from_dict(d: dict, where: str = "config") -> IsaraConfig:
         return IsaraConfig(**kw)
     except SettingError as e:
         raise UserError(f"{where}: {e.field} {e.rule}") from None
+
+
+def _shown(v) -> str:
+    return json.dumps(v) if isinstance(v, (str, int, float, bool, type(None), list, dict)) else repr(v)
+
+
+def _check_type(cls, name: str, value, where: str, prefix: str = "") -> None:
+    """UserError naming `prefix + name` when `value` does not have the type of field `name` of dataclass
+    `cls` (a preset's "generate": "many" is named here, not failed on inside the dataclass)."""
+    hint = typing.get_type_hints(cls)[name]
+    if not _has_type(value, hint):
+        raise UserError(f"{where}: field {prefix + name!r} must be {_describe(hint)}, got {_shown(value)}")
+
+
+def _has_type(v, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(v, a) for a in args)
+    if origin is typing.Literal:
+        return any(v == a and type(v) is type(a) for a in args)
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_has_type(x, args[0]) for x in v)
+        return len(v) == len(args) and all(_has_type(x, a) for x, a in zip(v, args))
+    if hint is type(None):
+        return v is None
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if hint is float:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return isinstance(v, hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list [{', '.join(_describe(a) for a in args)}]"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
 
 def _defaults(section: str) -> dict:
@@ -303,8 +363,13 @@ class RunDir:
             return None
         return obj
 
-    def stage(self, path: Path, fn) -> list[dict]:
+    def stage(self, path: Path, fn, expect: int | None = None) -> list[dict]:
+        """The rows of a JSONL stage output, made by fn() unless done; `expect`: the row count the config
+        asks for (a file cut at a row boundary, or made for another count, is redone)."""
         rows = self._reusable_rows(path)
+        if rows is not None and expect is not None and len(rows) != expect:
+            self._redo(path, f"{len(rows)} rows, the run asks for {expect}")
+            rows = None
         if rows is not None:
             log(f"{path.relative_to(self.root)}: done, reusing")
             return rows
@@ -318,9 +383,11 @@ class RunDir:
         f = self._reusable_json(it / "filter.json")
         if f is not None:
             kept = self._reusable_rows(it / "kept.jsonl", nonempty=False)
-            if kept is not None and f.get("kept") == len(kept):
+            n = len(fileio.read_jsonl(it / "answers.jsonl"))
+            if kept is not None and f.get("kept") == len(kept) and f.get("candidates") == n:
                 return kept
-            self._redo(it / "filter.json", f"does not match kept.jsonl ({f.get('kept')} kept)")
+            self._redo(it / "filter.json", f"does not match kept.jsonl and answers.jsonl ({f.get('kept')} kept "
+                                           f"of {f.get('candidates')}; {n} answers)")
         kept, drops = fn()
         n = len(fileio.read_jsonl(it / "answers.jsonl"))
 
@@ -510,9 +577,11 @@ def run(model_dir, seeds: list[dict], run_dir, cfg: IsaraConfig, eval_set=None, 
         rd.eval_stage("pretrained", model, scorer, row="pretrained")
     for t in range(1, cfg.iterations + 1):
         it = rd.iter_dir(t)
-        questions = rd.stage(it / "questions.jsonl", lambda: isara.write_questions(model.model, pools, t, cfg))
+        questions = rd.stage(it / "questions.jsonl", lambda: isara.write_questions(model.model, pools, t, cfg),
+                             expect=cfg.generate)
         answers = rd.stage(it / "answers.jsonl",
-                            lambda: isara.write_answers(model.model, pools, indexes, embedder, questions, t, cfg))
+                           lambda: isara.write_answers(model.model, pools, indexes, embedder, questions, t, cfg),
+                           expect=len(questions))
         kept = rd.filter_stage(it, lambda: isara.filter_answers(answers, pools, t, cfg))
         lr = cfg.sft.lr * cfg.lr_decay ** (t - 1)
         model = rd.model_stage(it / "model", lambda out: isara.sft(model.model, rd.seeds + kept, out, lr, cfg, t))

@@ -1,4 +1,6 @@
-"""One process per run directory: an `fcntl` lock on RUN_DIR/.lock, held for the life of the process.
+"""One process per run directory: an `fcntl` lock on RUN_DIR/.lock, held for the life of the process; and
+one per output (`acquire_output`: `selfalign finetune --out OUT` locks .OUT.lock beside OUT, as OUT itself
+is replaced when the model is exported).
 
 The kernel drops the lock when its holder exits (however it dies), so a stale lock file never blocks;
 the file holds the holder's PID for the message a second process prints. A directory on a read-only
@@ -14,15 +16,25 @@ from pathlib import Path
 
 from selfalign_jax.core.errors import UserError
 
-_HELD: dict[Path, int] = {}  # resolved directory -> open lock fd (kept until the process exits)
+_HELD: dict[Path, int] = {}  # resolved lock file -> open lock fd (kept until the process exits)
 
 
 def acquire(directory) -> None:
     """Lock `directory` for this process (again: a no-op), or raise UserError naming the holder's PID."""
-    d = Path(directory).resolve()
-    if d in _HELD:
+    _acquire(Path(directory).resolve() / ".lock", directory, "--run-dir")
+
+
+def acquire_output(path, flag: str = "--out") -> None:
+    """Lock the output `path` (a file or directory, which need not exist yet; its parent is made) for this
+    process: a second process writing the same output is refused, naming `flag`."""
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _acquire(target.parent / f".{target.name}.lock", path, flag)
+
+
+def _acquire(p: Path, what, flag: str) -> None:
+    if p in _HELD:
         return
-    p = d / ".lock"
     try:
         fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
@@ -34,15 +46,25 @@ def acquire(directory) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise UserError(f"{directory}: in use by another selfalign process (PID {holder}); "
-                        "wait for it to finish or use another --run-dir") from None
+        raise UserError(f"{what}: in use by another selfalign process (PID {holder}); "
+                        f"wait for it to finish or use another {flag}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD[d] = fd
+    _HELD[p] = fd
 
 
 def release(directory) -> None:
     """Drop this process's lock on `directory` (tests; a command holds it until it exits)."""
-    fd = _HELD.pop(Path(directory).resolve(), None)
+    _release(Path(directory).resolve() / ".lock")
+
+
+def release_output(path) -> None:
+    """Drop this process's lock on the output `path` (tests)."""
+    target = Path(path).resolve()
+    _release(target.parent / f".{target.name}.lock")
+
+
+def _release(p: Path) -> None:
+    fd = _HELD.pop(p, None)
     if fd is not None:
         os.close(fd)

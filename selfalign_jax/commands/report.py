@@ -18,18 +18,22 @@ def main(run_dirs: Annotated[tuple[Path, ...], tyro.conf.Positional], out: Path 
         title: report title.
     """
     from selfalign_jax.app import report
+    from selfalign_jax.core import fileio
     from selfalign_jax.core.errors import UserError
 
     if not run_dirs:
         raise UserError("give at least one run directory")
     runs = []
-    for d in run_dirs:
+    for d in run_dirs:  # every directory is checked before any report is written
         if not d.is_dir():
             raise UserError(f"{d}: no such run directory")
         run = report.read_run(d)
         if not run["rows"]:
             raise UserError(f"{d}: no metrics.jsonl (not a finished run directory?)")
         runs.append(run)
+    if len(runs) > 1:
+        fileio.check_output(out or Path("report-compare"), "--out", directory=True, overwrite=True)
+    for d in run_dirs:
         report.write(d, title=title or "ISARA run")
         print(f"{d / 'report.md'}")
     if len(runs) > 1:

@@ -7,7 +7,9 @@
     records(path) -> iterator of (where, dict)      .jsonl[.gz] (one object a line) or .json[.gz] array
     read_jsonl(path) -> list[dict]
     read_text(path) -> str                          whole (maybe gzipped) file; bad UTF-8 names the line
+    check_input_file(path)                          a directory or a missing file named before reading
     check_output(path, flag, inputs, directory)     refuse a bad output path before any work
+    check_step_dirs(directory, flag, needs)         refuse step folders that are not checkpoints
     disk_error(OSError, path) -> UserError | None   "no space left on device writing PATH" and kin
 
 Bad input raises `UserError` naming the file and line (or item).
@@ -146,8 +148,9 @@ def atomic(path, directory: bool = False) -> Iterator[Path]:
     empty directory. On success it is fsync'd and renamed onto `path` (an existing directory there is
     first renamed aside, and deleted only once the new one is in place); on error it is removed and
     `path` is left as it was. The result gets the user's umask; a full or read-only filesystem is one
-    line (UserError "no space left on device writing PATH")."""
-    path = Path(path)
+    line (UserError "no space left on device writing PATH"). A symbolic link `path` is written through:
+    its target (which need not exist yet) is replaced and the link kept."""
+    path = link_target(Path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale(path)
@@ -168,7 +171,12 @@ def atomic(path, directory: bool = False) -> Iterator[Path]:
         _fsync_tree(tmp)
         if directory and path.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
-            os.replace(path, old)  # kept until the new directory is in place
+            try:
+                os.replace(path, old)  # kept until the new directory is in place
+            except OSError:
+                old.rmdir()
+                old = None
+                raise
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as e:
@@ -185,26 +193,65 @@ def atomic(path, directory: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def link_target(path: Path) -> Path:
+    """`path` itself, or for a symbolic link the path it leads to (which need not exist); a link in a
+    loop is a UserError."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        raise UserError(f"{path}: a symbolic link in a loop") from None
+
+
 def check_output(path, flag: str = "--out", inputs: dict | None = None, directory: bool = False,
                  overwrite: bool = False) -> Path:
     """Refuse, before any work, an output path that cannot be written as asked: a directory where a
-    file is wanted (or the reverse), a non-empty directory without `overwrite`, or the same path as an
-    input (`inputs`: flag -> path; the input would be replaced)."""
+    file is wanted (or the reverse), a non-empty directory without `overwrite`, the same path as an
+    input (`inputs`: flag -> path; the input would be replaced), or a place where no file can be created
+    (a read-only filesystem, no write permission: a temp file is made and removed there). A symbolic
+    link is checked as the path it leads to (atomic() writes through it)."""
     path = Path(path)
+    target = link_target(path)
     for name, src in (inputs or {}).items():
-        if src is not None and Path(src).resolve() == path.resolve():
+        if src is not None and Path(src).resolve() == target.resolve():
             raise UserError(f"{flag} {path} is also {name}: it would be replaced; write somewhere else")
     if directory:
-        if path.exists() and not path.is_dir():
+        if target.exists() and not target.is_dir():
             raise UserError(f"{flag}: {path} is a file; a directory is wanted")
-        if path.is_dir() and not overwrite and any(path.iterdir()):
+        if target.is_dir() and not overwrite and any(target.iterdir()):
             raise UserError(f"{flag}: directory exists and is not empty: {path} (use --overwrite)")
-    elif path.is_dir():
+    elif target.is_dir():
         raise UserError(f"{flag}: {path} is a directory; a file path is wanted")
-    parent = next((q for q in path.parents if q.exists()), None)
+    parent = next((q for q in target.parents if q.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UserError(f"{flag}: {parent} is a file, so {path} cannot be created")
+    if parent is not None:
+        _check_writable(parent, target, flag)
     return path
+
+
+def _check_writable(parent: Path, target: Path, flag: str) -> None:
+    """A temp file (named as atomic()'s, so a killed probe is cleaned as stale) made and removed in `parent`."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=parent)
+    except OSError as e:
+        raise disk_error(e, target) or UserError(f"{flag}: cannot write in {parent} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_step_dirs(directory, flag: str, needs: tuple[str, ...]) -> None:
+    """Refuse a checkpoint directory whose step folders (integer names, as Orbax makes them) lack one of
+    `needs` (the items every step holds): folders of something else, which a resume would try to read."""
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    for step in sorted((p for p in d.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name)):
+        missing = [n for n in needs if not (step / n).exists()]
+        if missing:
+            raise UserError(f"{flag}: {step} is not a train checkpoint (no {missing[0]}/ in it); "
+                            f"use another {flag} or remove the step folders there")
 
 
 def write_text(path, text: str) -> None:
@@ -224,10 +271,19 @@ def write_jsonl(path, rows: Iterable[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- reading
-def open_binary(path: Path):
-    """The file (gunzipped for .gz) opened for binary reading; a missing file is a UserError."""
+def check_input_file(path) -> Path:
+    """`path` if it is a file to read; a directory or a missing file is a UserError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; a file is wanted")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    return path
+
+
+def open_binary(path: Path):
+    """The file (gunzipped for .gz) opened for binary reading; a missing file or a directory is a UserError."""
+    check_input_file(path)
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 

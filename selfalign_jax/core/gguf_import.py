@@ -61,13 +61,46 @@ def type_name(t) -> str:
         return f"#{int(t.tensor_type)}"
 
 
+class _Truncated(Exception):
+    """A tensor's data runs past the end of the file: (tensor name, its bytes, its offset, the file size,
+    the size the file needs for all its tensors)."""
+
+
+def _check_extent(reader, start: int, fields) -> None:
+    """_Truncated for the first tensor (in file order) whose bytes, from its tensor-info field, end past
+    the file (the reader's own error there is a reshape failure that names nothing)."""
+    import gguf
+
+    size, spans = len(reader.data), []
+    for f in fields:
+        _, name, _, dims, raw_type, off = f.parts
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+        n_bytes = int(np.prod(dims)) * type_size // block
+        spans.append((int(start + off[0]), n_bytes, bytes(name).decode(errors="replace")))
+    need = max((o + n for o, n, _ in spans), default=0)
+    for o, n, name in sorted(spans):
+        if o + n > size:
+            raise _Truncated(name, n, o, size, need)
+
+
 def _reader(path: Path):
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            _check_extent(self, start_offs, fields)
+            super()._build_tensors(start_offs, fields)
+
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; a GGUF file is wanted")
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(str(path), "r")
+        return Reader(str(path), "r")
+    except _Truncated as t:
+        name, n, off, size, need = t.args
+        raise UserError(f"{path}: truncated: tensor {name} needs {n} bytes at offset {off}, the file has "
+                        f"{max(0, size - off)} there ({size} bytes in all; its tensors need {need})") from None
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError / struct errors / ...
         raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -132,7 +134,9 @@ def initialize_distributed(enabled: bool | None = None) -> None:
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment). enabled=None: only
     when JAX_COORDINATOR_ADDRESS is set. Safe to call twice. A process that stops sending heartbeats
     for SELFALIGN_HEARTBEAT_S seconds (default 100) fails the others rather than leaving them waiting;
-    connecting waits at most SELFALIGN_INIT_TIMEOUT_S (default 300). A failure to connect is a UserError."""
+    connecting waits at most SELFALIGN_INIT_TIMEOUT_S (default 300). A failure to connect is a UserError,
+    and so is a coordinator address that cannot work (`check_coordinator`), which XLA would abort the
+    process on."""
     if enabled is None:
         enabled = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     if not enabled:
@@ -149,6 +153,9 @@ def initialize_distributed(enabled: bool | None = None) -> None:
                 timeouts[key] = v if key == "coordinator_address" else int(v)
             except ValueError:
                 raise UserError(f"{name}={v!r} is not an integer") from None
+    if timeouts.get("coordinator_address"):
+        check_coordinator(timeouts["coordinator_address"], timeouts.get("process_id"),
+                          timeouts["initialization_timeout"])
     try:
         jax.distributed.initialize(**timeouts)
     except (RuntimeError, ValueError) as e:
@@ -159,3 +166,49 @@ def initialize_distributed(enabled: bool | None = None) -> None:
         raise UserError(f"--distributed: cannot join the cluster ({where}, process "
                         f"{os.environ.get('JAX_PROCESS_ID', '?')} of {os.environ.get('JAX_NUM_PROCESSES', '?')}): "
                         f"{first}") from None
+
+
+def check_coordinator(address: str, process_id: int | None, timeout_s: float) -> None:
+    """UserError naming JAX_COORDINATOR_ADDRESS when it cannot be joined: not HOST:PORT, a host that does
+    not resolve; for process 0 (which serves the coordinator on PORT) a port in use; for the others, no
+    coordinator accepting TCP connections within `timeout_s` (connects of at most 2 s each, one a second:
+    the coordinator may start after them)."""
+    name = f"JAX_COORDINATOR_ADDRESS={address}"
+    host, sep, port_s = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise UserError(f"{name}: expected HOST:PORT")
+    port = int(port_s)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"{name}: cannot resolve host {host!r} ({e.strerror})") from None
+    if process_id == 0:
+        _check_port_free(name, port)
+        return
+    if process_id is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=min(2.0, max(0.1, timeout_s))).close()
+            return
+        except OSError as e:
+            if time.monotonic() + 1 >= deadline:
+                raise UserError(f"{name}: no coordinator accepts connections there after {timeout_s:g} s "
+                                f"({e.strerror or e}); start process 0 first, or check the address and the "
+                                "firewall (SELFALIGN_INIT_TIMEOUT_S sets the wait)") from None
+            time.sleep(1)
+
+
+def _check_port_free(name: str, port: int) -> None:
+    """Process 0 serves the coordinator on PORT of every interface: the port must be free."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds (a closed port's TIME_WAIT is free)
+        s.bind(("", port))
+    except OSError as e:
+        raise UserError(f"{name}: process 0 serves the coordinator on port {port}, which is in use on this machine "
+                        f"({e.strerror})") from None
+    finally:
+        s.close()
