@@ -189,17 +189,6 @@ def test_short_read_names_tensor(src, tmp_path, monkeypatch):
     _err(d, r"model\.safetensors: tensor .*: read \d+ of \d+ bytes")
 
 
-def test_bad_index_and_config_one_line(src, tmp_path):
-    d = _copy(src, tmp_path)
-    (d / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
-    _err(d, r"model\.safetensors\.index\.json: not a valid shard index")
-    (d / "model.safetensors.index.json").write_text("{")
-    _err(d, "not a valid shard index")
-    (d / "model.safetensors.index.json").unlink()
-    (d / "config.json").write_text("[1, 2]")
-    _err(d, r"config\.json: not a JSON object")
-
-
 def test_tokenizer_past_vocab_refused(src, tmp_path):
     d = _copy(src, tmp_path)
     c = json.loads((d / "config.json").read_text())
@@ -210,8 +199,37 @@ def test_tokenizer_past_vocab_refused(src, tmp_path):
         checkpoint.load_tokenizer(d)
 
 
-def test_export_drops_auto_map(src, tmp_path):
-    cfg, params = checkpoint.load(src)
-    base = {**json.loads((src / "config.json").read_text()), "auto_map": {"AutoModel": "evil.Model"}}
-    out = checkpoint.save(tmp_path / "o", cfg, params, tokenizer_from=src, base_config=base)
-    assert "auto_map" not in json.loads((out / "config.json").read_text())
+@pytest.mark.parametrize("index,match", [
+    ("{not json", "not a valid shard index .not valid JSON"), ('{"weight_map": [1, 2]}', "it needs"),
+    ('[]', "it needs"), ('{"weight_map": {"a": "../x.safetensors"}}', "bad shard file name"),
+    ('{"weight_map": {"a": "x.safetensors"}}', "shard x.safetensors is missing")])
+def test_bad_shard_index_one_line(src, tmp_path, index, match):
+    d = _copy(src, tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(index)
+    assert "model.safetensors.index.json" in _err(d, match)
+
+
+@pytest.mark.parametrize("name,text", [("config.json", "[1, 2]"), ("config.json", '"llama"'),
+                                       ("generation_config.json", "3"),
+                                       ("generation_config.json", '{"eos_token_id": "x"}')])
+def test_config_not_an_object(src, tmp_path, name, text):
+    d = _copy(src, tmp_path)
+    (d / name).write_text(text)
+    assert name in _err(d, "not a JSON object|eos_token_id")
+
+
+def test_remote_code_entries_not_exported(src, tmp_path):
+    d = _copy(src, tmp_path)
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**conf, "auto_map": {"AutoModelForCausalLM": "x.Model"},
+                                               "trust_remote_code": True}))
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**tc, "auto_map": {"AutoTokenizer": ["t.Tok", None]}}))
+    cfg, params = checkpoint.load(d)
+    out = checkpoint.save(tmp_path / "out", cfg, params, tokenizer_from=d,
+                          base_config=json.loads((d / "config.json").read_text()))
+    for f in ("config.json", "tokenizer_config.json"):
+        got = json.loads((out / f).read_text())
+        assert "auto_map" not in got and "trust_remote_code" not in got
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == tc["eos_token"]

@@ -3,7 +3,6 @@ exit, and nothing already written lost."""
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 
@@ -39,89 +38,7 @@ def _cli(*args, env=None):
                           env=env)
 
 
-def _rewrite_header(path, edit):
-    b = path.read_bytes()
-    n = struct.unpack("<Q", b[:8])[0]
-    h = json.loads(b[8:8 + n])
-    edit(h)
-    hb = json.dumps(h).encode()
-    path.write_bytes(struct.pack("<Q", len(hb)) + hb + b[8 + n:])
-
-
 # ------------------------------------------------------------------------------ checkpoint integrity
-def test_truncated_safetensors_refused(src, tmp_path):
-    d = _copy(src, tmp_path)
-    st = d / "model.safetensors"
-    with open(st, "r+b") as f:
-        f.truncate(st.stat().st_size - 1000)
-    msg = _one_line(lambda: checkpoint.load(d), r"model\.safetensors: tensor .*: data_offsets .* outside the file")
-    assert str(st) in msg
-
-
-def test_offsets_past_end_refused(src, tmp_path):
-    d = _copy(src, tmp_path)
-
-    def edit(h):
-        e = h["model.norm.weight"]
-        size = e["data_offsets"][1] - e["data_offsets"][0]
-        e["data_offsets"] = [10 ** 7, 10 ** 7 + size]
-    _rewrite_header(d / "model.safetensors", edit)
-    _one_line(lambda: checkpoint.load(d), r"tensor model\.norm\.weight: data_offsets \[10000\d+, \d+\] outside")
-
-
-def test_short_read_refused(src, tmp_path, monkeypatch):
-    """The file shrinks after its header was checked: the bytes actually read are counted."""
-    d = _copy(src, tmp_path)
-    real = checkpoint._read_header
-    monkeypatch.setattr(checkpoint, "_read_header", lambda p: (real(p), p.write_bytes(p.read_bytes()[:4000]))[0])
-    _one_line(lambda: checkpoint.load(d), r"model\.safetensors: tensor .*: read \d+ of \d+ bytes")
-
-
-@pytest.mark.parametrize("case,match", [
-    ("zero", r"not a safetensors file \(0 bytes\)"),
-    ("short", r"header length \d+ does not fit the file \(100 bytes\)"),
-    ("absurd", r"header length 1152921504606846976 does not fit"),
-    ("badjson", r"safetensors header is not valid JSON"),
-    ("f8", r"tensor lm_head\.weight: unsupported dtype 'F8_E4M3'"),
-    ("shape", r"tensor lm_head\.weight: \d+ bytes for shape \(3, 3\) F32"),
-])
-def test_bad_safetensors_one_line(src, tmp_path, case, match):
-    d = _copy(src, tmp_path)
-    st = d / "model.safetensors"
-    b = st.read_bytes()
-    if case == "zero":
-        st.write_bytes(b"")
-    elif case == "short":
-        st.write_bytes(b[:100])
-    elif case == "absurd":
-        st.write_bytes(struct.pack("<Q", 1 << 60) + b[8:])
-    elif case == "badjson":
-        st.write_bytes(b[:8] + b"{" * 8 + b[16:])
-    elif case == "f8":
-        _rewrite_header(st, lambda h: h["lm_head.weight"].update(dtype="F8_E4M3"))
-    else:
-        _rewrite_header(st, lambda h: h["lm_head.weight"].update(shape=[3, 3]))
-    assert str(st) in _one_line(lambda: checkpoint.load(d), match)
-
-
-@pytest.mark.parametrize("index,match", [
-    ("{not json", "not a valid shard index .not valid JSON"), ('{"weight_map": [1, 2]}', "it needs"),
-    ('[]', "it needs"), ('{"weight_map": {"a": "../x.safetensors"}}', "bad shard file name"),
-    ('{"weight_map": {"a": "x.safetensors"}}', "shard x.safetensors is missing")])
-def test_bad_shard_index_one_line(src, tmp_path, index, match):
-    d = _copy(src, tmp_path)
-    (d / "model.safetensors").unlink()
-    (d / "model.safetensors.index.json").write_text(index)
-    assert "model.safetensors.index.json" in _one_line(lambda: checkpoint.load(d), match)
-
-
-@pytest.mark.parametrize("name,text", [("config.json", "[1, 2]"), ("config.json", '"llama"'),
-                                       ("generation_config.json", "3"),
-                                       ("generation_config.json", '{"eos_token_id": "x"}')])
-def test_config_not_an_object(src, tmp_path, name, text):
-    d = _copy(src, tmp_path)
-    (d / name).write_text(text)
-    assert name in _one_line(lambda: checkpoint.load(d), "not a JSON object|eos_token_id")
 
 
 def test_tokenizer_past_vocab_refused(tmp_path):
@@ -132,22 +49,6 @@ def test_tokenizer_past_vocab_refused(tmp_path):
     assert str(d) in msg
     from selfalign_jax.commands.inspect_model import summary
     assert summary(d)["tokenizer"] == "128 ids (MORE than vocab_size 100: refused at load)"
-
-
-def test_remote_code_entries_not_exported(src, tmp_path):
-    d = _copy(src, tmp_path)
-    conf = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**conf, "auto_map": {"AutoModelForCausalLM": "x.Model"},
-                                               "trust_remote_code": True}))
-    tc = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps({**tc, "auto_map": {"AutoTokenizer": ["t.Tok", None]}}))
-    cfg, params = checkpoint.load(d)
-    out = checkpoint.save(tmp_path / "out", cfg, params, tokenizer_from=d,
-                          base_config=json.loads((d / "config.json").read_text()))
-    for f in ("config.json", "tokenizer_config.json"):
-        got = json.loads((out / f).read_text())
-        assert "auto_map" not in got and "trust_remote_code" not in got
-    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == tc["eos_token"]
 
 
 # ------------------------------------------------------------------------------------ run directories
