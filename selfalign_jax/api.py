@@ -37,6 +37,7 @@ import jax
 
 from selfalign_jax.core import checkpoint, fileio, gguf_import, train
 from selfalign_jax.core import generate as G
+from selfalign_jax.core.generate import prompts as gen_prompts
 from selfalign_jax.app import isara, rundir, runlock
 from selfalign_jax.app import config as settings
 from selfalign_jax.app import data as dataset
@@ -233,12 +234,14 @@ def read_prompts(path: Path) -> tuple[list[dict], list[str]]:
 
 
 @contextlib.contextmanager
-def _prompt_lines(where: list[str]):
-    """A sampler message about "prompt N" (1-based) names the prompt's file and line instead."""
+def _prompt_lines(where, noun: str = "prompt"):
+    """A message about "<noun> N" (1-based: "prompt N" from the sampler, "pair N" from the trainer's encoding)
+    names its file and line instead; `where`: the "file:line" of each, or a function returning them."""
     try:
         yield
     except UserError as e:
-        m = re.match(r"prompt (\d+): (.*)", str(e))
+        m = re.match(rf"{noun} (\d+): (.*)", str(e))
+        where = where() if callable(where) else where
         if m is None or not 1 <= int(m.group(1)) <= len(where):
             raise
         raise UserError(f"{where[int(m.group(1)) - 1]}: {m.group(2)}") from None
@@ -270,9 +273,11 @@ def generate(model, prompts, out, gen: GenConfig | None = None, seed: int = 0, b
                                                           max_new_tokens=gen.max_new_tokens,
                                                           dtype=MS.compute_dtype(dtype)))
     lm = LoadedModel.load(model, dtype)
+    ids = gen_prompts.tokenize(lm.tokenizer, [r["prompt"] for r in rows], chat_template)
+    checkpoint.check_ids(ids, lm.cfg.vocab_size, where, lm.tokenizer)
     t0 = time.perf_counter()
     with _prompt_lines(where):
-        res = G.generate(lm.params, lm.cfg, lm.tokenizer, [r["prompt"] for r in rows], gen,
+        res = G.generate(lm.params, lm.cfg, lm.tokenizer, ids, gen,
                          stop=() if no_stop else stop, seed=seed, batch_size=batch_size, chat_template=chat_template,
                          truncate=truncate, progress=True, mesh=MS.make_mesh(mesh) if mesh else None)
     dt = time.perf_counter() - t0
@@ -322,8 +327,10 @@ def finetune(model, data, out, template: str = "plain", checkpoint_dir=None, res
         print(f"finetune {model} on {len(pairs)} pairs from {data}: mesh {shape}, effective batch "
               f"{tcfg.effective_batch}, lr {tcfg.lr}, {kind}, {tcfg.dtype}")
     tmpl = Template(kind=template, tokenizer=tok if template == "chat" else None)
-    train.finetune(model, pairs, tok, out, tcfg, tmpl, checkpoint_dir=checkpoint_dir, resume=resume, mesh=mesh_obj,
-                   export_dtype=None if export_dtype == "auto" else export_dtype, overwrite=overwrite)
+    with _prompt_lines(lambda: [w for w, _ in fileio.records(data)], "pair"):
+        train.finetune(model, pairs, tok, out, tcfg, tmpl, checkpoint_dir=checkpoint_dir, resume=resume,
+                       mesh=mesh_obj, export_dtype=None if export_dtype == "auto" else export_dtype,
+                       overwrite=overwrite)
     if MS.is_writer():
         print(f"wrote {out}")
     return out

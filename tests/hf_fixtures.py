@@ -70,18 +70,24 @@ TOKENIZER_CLASS = {"llama": "LlamaTokenizer", "llama3": "LlamaTokenizer", "llama
                    "gemma": "GemmaTokenizer", "gemma2": "GemmaTokenizer", "gemma3": "GemmaTokenizer",
                    "opt": "GPT2Tokenizer", "opt350m": "GPT2Tokenizer"}
 EXACT_SPECIALS = ["<pad>", "<s>", "</s>", "<sep>"]  # no <unk>: byte-level / byte-fallback BPE needs none
+EXACT_VOCAB = 256  # printable ASCII, newline and tab as single tokens, then word prefixes
 
 
-def make_family_tokenizer(path: Path, family: str, n: int = VOCAB):
+def make_family_tokenizer(path: Path, family: str, n: int = EXACT_VOCAB):
     """A BPE tokenizer of exactly n ids as `family`'s checkpoints ship it (byte-level for Qwen2 / GPT-2,
-    sentencepiece-style for Llama / Gemma), its tokenizer_config.json naming TOKENIZER_CLASS[family] and only
-    bos / eos / pad: transformers' class then adds its own defaults (<|endoftext|>, <unk>, <mask>) at ids >= n,
-    which no file defines. Returns the tokenizers.Tokenizer written to tokenizer.json."""
+    sentencepiece-style for Llama / Gemma; every printable ASCII character, newline and tab has a token), its
+    tokenizer_config.json naming TOKENIZER_CLASS[family] and only bos / eos / pad: transformers' class then adds
+    its own defaults (<|endoftext|>, <unk>, <mask>) at ids >= n, which no file defines. Returns the
+    tokenizers.Tokenizer written to tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     cls = TOKENIZER_CLASS[family]
     byte_level = cls in ("Qwen2Tokenizer", "GPT2Tokenizer")
-    tokens, merges = gguf_vocab(n, "Ġ" if byte_level else "▁")
+    printable = "".join(chr(c) for c in range(33, 127))
+    alphabet = printable + ("Ċĉ" if byte_level else "")  # byte-level: newline and tab map to Ċ, ĉ
+    fallback = [] if byte_level else ["<0x0A>", "<0x09>"]  # sentencepiece: by byte fallback
+    tokens, merges = gguf_vocab(n - len(fallback), "Ġ" if byte_level else "▁", alphabet)
+    tokens += fallback
     tokens = EXACT_SPECIALS + tokens[len(SPECIALS):]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges],
                                byte_fallback=not byte_level, fuse_unk=not byte_level))
@@ -129,6 +135,8 @@ def make_model(family: str, path, seed: int = 0, tokenizer: bool = True, exact_v
 
     path = Path(path)
     torch.manual_seed(seed)
+    if exact_vocab:
+        over = {"vocab_size": EXACT_VOCAB, **over}
     m = transformers.AutoModelForCausalLM.from_config(hf_config(family, **over)).float().eval()
     with torch.no_grad():  # every tensor random and O(0.1): parity then tests something
         for name, p in m.named_parameters():
@@ -198,10 +206,10 @@ GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "ge
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }} {{ m['content'] }}</s>{% endfor %}"
 
 
-def gguf_vocab(n: int = VOCAB, space: str = "Ġ"):
-    """A BPE vocabulary of n tokens (specials, a-z, the space mark: 'Ġ' byte-level, '▁' sentencepiece,
+def gguf_vocab(n: int = VOCAB, space: str = "Ġ", alphabet: str = "abcdefghijklmnopqrstuvwxyz"):
+    """A BPE vocabulary of n tokens (specials, the alphabet, the space mark: 'Ġ' byte-level, '▁' sentencepiece,
     then word prefixes) and its merges."""
-    tokens = SPECIALS + list("abcdefghijklmnopqrstuvwxyz") + [space]
+    tokens = SPECIALS + list(alphabet) + [space]
     merges = []
     for w in WORDS:
         for piece in [space + w, w]:

@@ -18,9 +18,7 @@ def summary(model_dir) -> dict:
         cfg = checkpoint.config_from_hf(raw, "float32")
         dtypes = sorted({e["dtype"] for _, e, _ in index.values()})
         try:
-            n = checkpoint.tokenizer_size(checkpoint.load_tokenizer(model_dir, check=False))
-            tokenizer = f"{n} ids" + (f" (MORE than vocab_size {cfg.vocab_size}: refused at load)"
-                                      if n > cfg.vocab_size else "")
+            tokenizer = _tokenizer(checkpoint.load_tokenizer(model_dir, check=False), cfg.vocab_size, model_dir)
         except UserError as e:
             tokenizer = f"none ({e})"
     specs = jax_leaves(M.param_specs(cfg))
@@ -31,6 +29,19 @@ def summary(model_dir) -> dict:
             "layers": cfg.n_layers, "hidden": cfg.hidden, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
             "sliding_window": next((w for w in cfg.windows if w), None), "rope": cfg.rope_type
             if cfg.rope_theta is not None else "learned positions"}
+
+
+def _tokenizer(tok, vocab_size: int, model_dir) -> str:
+    """The tokenizer's size as loading fits it to the model's rows: the ids it drops and why, or why it is
+    refused."""
+    from selfalign_jax.core import checkpoint
+
+    fit = checkpoint.vocab_fit(tok, vocab_size, model_dir)
+    if fit.foreign:
+        return f"{fit.size} ids (MORE than vocab_size {vocab_size}: refused at load)"
+    if fit.dropped:
+        return f"{fit.kept} ids ({fit.size} as transformers builds it; loading drops {fit.why_dropped()})"
+    return f"{fit.size} ids"
 
 
 def jax_leaves(tree):

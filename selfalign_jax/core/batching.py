@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from selfalign_jax.core import checkpoint
 from selfalign_jax.core import model as M
 from selfalign_jax.core.errors import UserError
 from selfalign_jax.core.template import Template
@@ -61,10 +62,12 @@ def _eos_pad(tokenizer, cfg: M.Config | None, eos_id, pad_id) -> tuple[int, int]
 
 
 def encode_pairs(pairs: Sequence[Pair], tokenizer, template: Template = Template(), max_length: int = 512,
-                 eos_id: int | None = None, pad_id: int | None = None, cfg: M.Config | None = None) -> Encoded:
+                 eos_id: int | None = None, pad_id: int | None = None, cfg: M.Config | None = None,
+                 where: Sequence[str] | None = None) -> Encoded:
     """Render each pair with `template.train_pair`, tokenize prompt + answer in one pass (character
     offsets tell answer tokens from prompt tokens, so merges across the boundary are handled),
-    append EOS and truncate to max_length + 1 tokens."""
+    append EOS and truncate to max_length + 1 tokens. With `cfg`, a pair whose text encodes to an id past
+    the model's embedding rows raises UserError naming where[i] ("pair i+1" by default)."""
     eos_id, pad_id = _eos_pad(tokenizer, cfg, eos_id, pad_id)
     special = template.kind == "plain"  # chat templates write their own BOS
     rendered = [template.train_pair(q, a) for q, a in pairs]
@@ -92,6 +95,8 @@ def encode_pairs(pairs: Sequence[Pair], tokenizer, template: Template = Template
             if len(ids) > len(p_ids) and ids[-1] == eos_id:
                 ids.pop()
             is_t = [j >= len(p_ids) for j in range(len(ids))]
+        if cfg is not None:
+            checkpoint.check_ids([ids], cfg.vocab_size, [where[i] if where else f"pair {i + 1}"], tokenizer)
         ids.append(eos_id)
         is_t.append(True)
         if len(ids) > max_length + 1:

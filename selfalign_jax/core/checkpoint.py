@@ -13,7 +13,10 @@ import math
 import os
 import shutil
 import struct
+import sys
+import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import ml_dtypes
@@ -427,17 +430,22 @@ def load(model_dir, dtype: str | None = None, shardings: M.Params | None = None)
 
 
 def load_tokenizer(model_dir, check: bool = True):
-    """The checkpoint's tokenizer, via transformers, local files only, no remote code; with `check`, one
-    whose ids reach past the model's vocab_size is refused."""
-    from transformers import AutoTokenizer
-
+    """The checkpoint's tokenizer, via transformers, local files only, no remote code. With `check`, fitted
+    to the model's vocab_size (`fit_tokenizer`): tokens the tokenizer class adds by itself past the embedding
+    rows are dropped (one note on stderr); ids past the rows that the checkpoint's files define are refused."""
     d = Path(model_dir)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
         raise UserError(f"{d}: no tokenizer (need tokenizer.json, tokenizer.model or vocab files)")
-    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+    tok = _auto_tokenizer(d)
     if check and (d / "config.json").is_file():
-        check_vocab(tok, read_config(d).get("vocab_size"), d)
+        tok = fit_tokenizer(tok, read_config(d).get("vocab_size"), d)
     return tok
+
+
+def _auto_tokenizer(d: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
 
 
 def tokenizer_size(tok) -> int:
@@ -445,12 +453,104 @@ def tokenizer_size(tok) -> int:
     return max(max(tok.get_vocab().values(), default=-1) + 1, len(tok))
 
 
-def check_vocab(tok, vocab_size, where) -> None:
-    """Refuse a tokenizer whose ids reach past the model's embedding rows (they would index garbage)."""
-    n = tokenizer_size(tok)
-    if isinstance(vocab_size, int) and n > vocab_size:
-        raise UserError(f"{where}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}: "
-                        "ids past the embedding rows; the tokenizer does not belong to this model")
+@dataclasses.dataclass(frozen=True)
+class VocabFit:
+    """A tokenizer measured against the model's embedding rows (ids 0 .. vocab_size - 1).
+    size: ids as transformers builds it (`tokenizer_size`); kept: ids once `dropped` are dropped.
+    dropped: tokens past the rows that the tokenizer class adds by itself (the checkpoint's tokenizer files
+    give them no id); foreign: ids past the rows that the files define. {id: token} each."""
+
+    size: int
+    kept: int
+    vocab_size: int | None
+    tokenizer_class: str
+    dropped: dict[int, str]
+    foreign: dict[int, str]
+
+    def why_dropped(self) -> str:
+        toks = ", ".join(f"{t!r} (id {i})" for i, t in sorted(self.dropped.items()))
+        them = "it" if len(self.dropped) == 1 else "them"
+        return (f"{toks}: transformers' {self.tokenizer_class} adds {them} by itself, the checkpoint's tokenizer "
+                f"files give {them} no id, and the model has {self.vocab_size} embedding rows")
+
+    def refusal(self) -> str:
+        ids = sorted(self.foreign)
+        span = f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]}-{ids[-1]}"
+        return (f"the tokenizer has {self.size} tokens but the model's vocab_size is {self.vocab_size}: the "
+                f"tokenizer files define {span} ({self.foreign[ids[0]]!r}{', ...' if len(ids) > 1 else ''}), "
+                "past the embedding rows; the tokenizer does not belong to this model")
+
+
+def vocab_fit(tok, vocab_size, model_dir) -> VocabFit:
+    """How `tok` (loaded from model_dir) fits vocab_size rows (no check when vocab_size is not an int)."""
+    size, cls = tokenizer_size(tok), type(tok).__name__
+    if not isinstance(vocab_size, int) or size <= vocab_size:
+        return VocabFit(size, size, vocab_size, cls, {}, {})
+    vocab = tok.get_vocab()
+    past = {i: t for t, i in vocab.items() if i >= vocab_size}
+    own = _file_ids(Path(model_dir))
+    added = {i: str(t) for i, t in tok.added_tokens_decoder.items()}
+    dropped = {i: t for i, t in past.items() if added.get(i) == t and t not in own}
+    kept = max(max((i for i in vocab.values() if i not in dropped), default=-1) + 1, len(tok) - len(dropped))
+    return VocabFit(size, kept, vocab_size, cls, dropped, {i: t for i, t in past.items() if i not in dropped})
+
+
+def _file_ids(d: Path) -> set[str]:
+    """Tokens the checkpoint's tokenizer files give an id: tokenizer.json's vocabulary and added tokens,
+    tokenizer_config.json's added_tokens_decoder, added_tokens.json, vocab.json / vocab.txt."""
+    own: set[str] = set()
+    if (d / "tokenizer.json").is_file():
+        raw = _json_object(d / "tokenizer.json")
+        vocab = (raw.get("model") or {}).get("vocab") or {}
+        own |= set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab if isinstance(v, list) and v}
+        own |= {t.get("content") for t in raw.get("added_tokens") or [] if isinstance(t, dict)}
+    if (d / "tokenizer_config.json").is_file():
+        dec = _json_object(d / "tokenizer_config.json").get("added_tokens_decoder")
+        own |= {t.get("content") for t in dec.values() if isinstance(t, dict)} if isinstance(dec, dict) else set()
+    for name in ("added_tokens.json", "vocab.json"):
+        if (d / name).is_file():
+            own |= set(_json_object(d / name))
+    if (d / "vocab.txt").is_file():
+        own |= set((d / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    return own
+
+
+_NOTED: set[tuple] = set()  # notes printed by this process (one per tokenizer class and dropped tokens)
+
+
+def fit_tokenizer(tok, vocab_size, model_dir):
+    """`tok` without the tokens its class adds past vocab_size (`vocab_fit`; the same trim as a GGUF
+    conversion's export, `_trim_added_tokens`), with one note on stderr; ids past the rows that the
+    checkpoint's files define raise UserError."""
+    fit = vocab_fit(tok, vocab_size, model_dir)
+    if fit.foreign:
+        raise UserError(f"{model_dir}: {fit.refusal()}")
+    if not fit.dropped:
+        return tok
+    key = (fit.tokenizer_class, vocab_size, tuple(sorted(fit.dropped.items())))
+    if key not in _NOTED:
+        _NOTED.add(key)
+        print(f"{model_dir}: the tokenizer drops {fit.why_dropped()}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as t:
+        tok.save_pretrained(t)
+        _trim_added_tokens(Path(t), vocab_size)
+        trimmed = _auto_tokenizer(Path(t))
+    trimmed.name_or_path = tok.name_or_path
+    left = tokenizer_size(trimmed)
+    if left != fit.kept:  # the trim is exact for every class transformers ships; say so if one is not
+        raise UserError(f"{model_dir}: the tokenizer has {left} tokens after dropping {fit.why_dropped()} "
+                        f"(expected {fit.kept})")
+    return trimmed
+
+
+def check_ids(ids: Sequence[Sequence[int]], vocab_size: int, where: Sequence[str], tokenizer=None) -> None:
+    """Refuse encoded text holding an id past the model's embedding rows; where[i] names row i's source."""
+    for i, row in enumerate(ids):
+        top = max(row, default=-1)
+        if top >= vocab_size:
+            tok = f" ({tokenizer.convert_ids_to_tokens(int(top))!r})" if tokenizer is not None else ""
+            raise UserError(f"{where[i]}: the text encodes to id {top}{tok}, past the model's {vocab_size} "
+                            "embedding rows; the tokenizer does not belong to this model")
 
 
 def _drop_remote_code(p: Path) -> None:
@@ -464,27 +564,53 @@ def _drop_remote_code(p: Path) -> None:
 
 
 def _trim_added_tokens(d: Path, vocab_size: int) -> None:
-    """Drop added tokens with ids past the model's embedding rows from a tokenizer built in memory
-    (transformers' GGUF conversion may add e.g. <|endoftext|> at id vocab_size): the model has no row
-    for them, so the exported tokenizer must not produce them."""
-    tj, tc = d / "tokenizer.json", d / "tokenizer_config.json"
-    if not tj.is_file():
-        return
-    raw = _json_object(tj)
-    extra = [t for t in raw.get("added_tokens") or [] if t.get("id", 0) >= vocab_size]
-    if not extra:
-        return
-    gone = {t["content"] for t in extra}
-    raw["added_tokens"] = [t for t in raw["added_tokens"] if t.get("id", 0) < vocab_size]
-    tj.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    """Drop added tokens with ids past the model's embedding rows from tokenizer files that transformers
+    wrote for a tokenizer built in memory (its class may add e.g. <|endoftext|> at id vocab_size, as a GGUF
+    conversion's does): the model has no row for them, so the tokenizer must not produce them. Special-token
+    entries naming a dropped token become null, so the class does not add it again when loading."""
+    gone: set[str] = set()
+    tj = d / "tokenizer.json"
+    if tj.is_file():
+        raw = _json_object(tj)
+        gone |= {t.get("content") for t in raw.get("added_tokens") or [] if t.get("id", 0) >= vocab_size}
+        if gone:
+            raw["added_tokens"] = [t for t in raw["added_tokens"] if t.get("id", 0) < vocab_size]
+            tj.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    tc = d / "tokenizer_config.json"
     if tc.is_file():
         conf = _json_object(tc)
         dec = conf.get("added_tokens_decoder")
         if isinstance(dec, dict):
-            conf["added_tokens_decoder"] = {k: v for k, v in dec.items() if not (k.isdigit() and int(k) >= vocab_size)}
-        for k in [k for k, v in conf.items() if k.endswith("_token") and isinstance(v, str) and v in gone]:
-            conf[k] = None
-        tc.write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            past = {k for k in dec if k.isdigit() and int(k) >= vocab_size}
+            gone |= {dec[k].get("content") for k in past if isinstance(dec[k], dict)}
+            conf["added_tokens_decoder"] = {k: v for k, v in dec.items() if k not in past}
+        if gone:
+            tc.write_text(json.dumps(_without_tokens(conf, gone), indent=2, ensure_ascii=False) + "\n",
+                          encoding="utf-8")
+    if gone and (d / "special_tokens_map.json").is_file():
+        fileio.write_json(d / "special_tokens_map.json", _without_tokens(_json_object(d / "special_tokens_map.json"),
+                                                                         gone))
+    if gone and (d / "added_tokens.json").is_file():
+        fileio.write_json(d / "added_tokens.json", {k: v for k, v in _json_object(d / "added_tokens.json").items()
+                                                    if k not in gone})
+
+
+def _without_tokens(conf: dict, gone: set[str]) -> dict:
+    """A tokenizer config whose special-token entries (NAME_token, additional / extra special tokens) no
+    longer name the tokens in `gone`."""
+    def named(v) -> str | None:
+        return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
+
+    out = {}
+    for k, v in conf.items():
+        if k.endswith("_token") and named(v) in gone:
+            v = None
+        elif k in ("additional_special_tokens", "extra_special_tokens") and isinstance(v, list):
+            v = [x for x in v if named(x) not in gone]
+        elif k == "extra_special_tokens" and isinstance(v, dict):
+            v = {n: x for n, x in v.items() if named(x) not in gone}
+        out[k] = v
+    return out
 
 
 def _write_safetensors(path: Path, items: list[tuple[str, jax.Array]], dtype) -> None:
