@@ -177,10 +177,29 @@ def test_baselines_write_rows(world, reference_run, tmp_path):
     lrs = [json.loads((run / "baselines" / "sft" / f"round_{t}" / "selfalign_train.json").read_text())
            ["train_config"]["lr"] for t in (1, 2)]
     assert lrs == [CFG.sft.lr, CFG.sft.lr * CFG.lr_decay]
-    assert json.loads((run / "baselines" / "sft" / "metrics.json").read_text())["made_for"] == {"rounds": 2}
+    made_for = json.loads((run / "baselines" / "sft" / "metrics.json").read_text())["made_for"]
+    assert made_for == {"rounds": 2, "scorer": rundir.scorer_tag(scorer)}
     assert "| ICL-kNN |" in (run / "report.md").read_text()
     icl = fileio.read_jsonl(run / "baselines" / "icl-knn" / "eval.jsonl")
     assert len(icl) == len(evals) and all("response" in r for r in icl)
+
+
+def test_metrics_of_another_scorer_version_are_computed_again(world, reference_run, tmp_path, capsys):
+    """A stage's metrics name the scorer and its version; a run whose scorer's rules changed evaluates again,
+    and the stages scored by the same version are reused."""
+    d, seeds, evals, scorer = world
+    run = tmp_path / "v"
+    shutil.copytree(reference_run[0], run)
+    stale = run / "pretrained" / "metrics.json"
+    m = json.loads(stale.read_text())
+    assert m["made_for"] == {"scorer": rundir.scorer_tag(scorer)}
+    stale.write_text(json.dumps({**m, "made_for": {"scorer": f"{scorer.name}/0"}, "harmful_rate": 9.0}))
+    kept = (run / "iter_1" / "metrics.json").read_bytes()
+    rows = rundir.run(d / "model", seeds, run, CFG, evals, scorer)
+    assert "pretrained: scored for" in capsys.readouterr().out
+    assert json.loads(stale.read_text())["made_for"] == {"scorer": rundir.scorer_tag(scorer)}
+    assert rows[0]["harmful_rate"] != 9.0 and "made_for" not in rows[0]
+    assert (run / "iter_1" / "metrics.json").read_bytes() == kept
 
 
 def test_input_errors(world, tmp_path):

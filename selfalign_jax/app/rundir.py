@@ -425,13 +425,15 @@ class RunDir:
         """Evaluate `model` into name/ (skipped when done; `rounds`: the SFT baseline's round count, a
         result for another count is redone)."""
         d = self.root / name
+        made_for = {"scorer": scorer_tag(scorer), **({"rounds": rounds} if rounds is not None else {})}
         m = self._reusable_json(d / "metrics.json")
-        if m is not None and m.get("made_for", {}).get("rounds") == rounds:
+        if m is not None and m.get("made_for") == made_for:
             return m
+        if m is not None:
+            log(f"{name}: scored for {m.get('made_for')}, this run wants {made_for}; evaluating again")
         t0 = time.time()
         rows, metrics = isara.evaluate(model.model, self.eval_set, scorer, self.cfg, demos_for)
-        out = {"row": row, "iteration": iteration, **({"made_for": {"rounds": rounds}} if rounds is not None else {}),
-               **metrics}
+        out = {"row": row, "iteration": iteration, "made_for": made_for, **metrics}
 
         def write():
             fileio.write_jsonl(d / "eval.jsonl", rows)
@@ -500,6 +502,12 @@ def read_run_config(p: Path) -> dict:
     return raw
 
 
+def scorer_tag(scorer) -> str:
+    """What a stage's metrics were computed by: the scorer's name and version (a scorer whose rules change raises
+    its `version`, so metrics from the older rules are computed again)."""
+    return f"{scorer.name}/{getattr(scorer, 'version', 1)}"
+
+
 def collect_rows(root: Path, n_seeds: int) -> list[dict]:
     """Every metrics row in the run directory, in the paper's table order."""
     rows = []
@@ -507,7 +515,7 @@ def collect_rows(root: Path, n_seeds: int) -> list[dict]:
         for p in ([root / "pretrained" / "metrics.json"] if name == "pretrained"
                   else [root / "baselines" / name / "metrics.json"]):
             if p.is_file():
-                rows.append(json.loads(p.read_text()))
+                rows.append({k: v for k, v in json.loads(p.read_text()).items() if k != "made_for"})
     t, total_kept = 1, 0
     while (root / f"iter_{t}").is_dir():
         it = root / f"iter_{t}"
@@ -519,7 +527,7 @@ def collect_rows(root: Path, n_seeds: int) -> list[dict]:
                      scaling_ratio=round(total_kept / n_seeds, 4))
         if (it / "metrics.json").is_file():
             r.update({k: v for k, v in json.loads((it / "metrics.json").read_text()).items()
-                      if k not in ("row", "iteration")})
+                      if k not in ("row", "iteration", "made_for")})
         rows.append(r)
         t += 1
     return rows
@@ -555,11 +563,13 @@ def baseline(kind: str, model_dir, seeds, run_dir, cfg, eval_set, scorer, force=
         sub = rd.root / name
         one = dataclasses.replace(cfg, iterations=1, generate=cfg.iterations * cfg.generate)
         done = sub / "metrics.json"
-        if not done.is_file() or json.loads(done.read_text()).get("made_for", {}).get("generate") != one.generate:
-            # (a run extended to more iterations needs a new one-round run of T x N samples)
+        made_for = {"generate": one.generate, "scorer": scorer_tag(scorer)}
+        if not done.is_file() or json.loads(done.read_text()).get("made_for") != made_for:
+            # (a run extended to more iterations needs a new one-round run of T x N samples; the sub-run's own
+            # stages are reused where they still hold)
             rows = run(model_dir, seeds, sub, one, eval_set, scorer, force or done.is_file(), eval_pretrained=False)
             writer_only("one_round", lambda: fileio.write_json(done, {
-                **rows[-1], "row": "one-round", "iteration": None, "made_for": {"generate": one.generate}}))
+                **rows[-1], "row": "one-round", "iteration": None, "made_for": made_for}))
     else:
         raise UserError(f"--kind: unknown baseline {kind!r}")
     return rd.finish()

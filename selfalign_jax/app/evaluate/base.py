@@ -12,7 +12,7 @@ from selfalign_jax.core.errors import UserError
 
 
 class Scorer(Protocol):
-    name: str
+    name: str  # a scorer may also set `version` (default 1): raised when its rules change (rundir.scorer_tag)
 
     def score(self, questions: Sequence[str], answers: Sequence[str] | None, records: Sequence) -> dict: ...
 

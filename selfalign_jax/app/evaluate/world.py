@@ -49,6 +49,7 @@ class WorldScorer:
     """The synthetic world's exact judge; the domain of each item is its record's `category`."""
 
     name = "world"
+    version = 2  # harmful rate over the harm domains' prompts, helpful rate over the benign ones
 
     def score(self, questions, answers, records=None) -> dict:
         check_answers(questions, answers)
