@@ -312,25 +312,23 @@ def finetune(model, data, out, template: str = "plain", checkpoint_dir=None, res
     check_model(model)
     pairs = dataset.read_pairs(data)
     start(distributed)
-    if MS.is_writer():  # one finetune per output (and checkpoint directory) at a time
-        runlock.acquire_output(out)
-        if checkpoint_dir is not None:
-            runlock.acquire_output(checkpoint_dir, "--checkpoint-dir")
-    tcfg = dataclasses.replace(tcfg, dtype=MS.compute_dtype(tcfg.dtype))
-    model = hf_model(model, models_cache(out))
-    tok = checkpoint.load_tokenizer(model)
-    check_fits(model, tcfg.mesh, hbm_gib, ts=_train_settings(tcfg, tcfg.dtype))
-    mesh_obj = MS.make_mesh(tcfg.mesh)
-    if MS.is_writer():
-        shape = ", ".join(f"{k}={v}" for k, v in mesh_obj.shape.items())
-        kind = f"LoRA rank {tcfg.lora_rank}" if tcfg.lora_rank else "full"
-        print(f"finetune {model} on {len(pairs)} pairs from {data}: mesh {shape}, effective batch "
-              f"{tcfg.effective_batch}, lr {tcfg.lr}, {kind}, {tcfg.dtype}")
-    tmpl = Template(kind=template, tokenizer=tok if template == "chat" else None)
-    with _prompt_lines(lambda: [w for w, _ in fileio.records(data)], "pair"):
-        train.finetune(model, pairs, tok, out, tcfg, tmpl, checkpoint_dir=checkpoint_dir, resume=resume,
-                       mesh=mesh_obj, export_dtype=None if export_dtype == "auto" else export_dtype,
-                       overwrite=overwrite)
+    locks = [(out, "--out")] + ([(checkpoint_dir, "--checkpoint-dir")] if checkpoint_dir is not None else [])
+    with runlock.outputs(*(locks if MS.is_writer() else [])):  # one finetune per output at a time
+        tcfg = dataclasses.replace(tcfg, dtype=MS.compute_dtype(tcfg.dtype))
+        model = hf_model(model, models_cache(out))
+        tok = checkpoint.load_tokenizer(model)
+        check_fits(model, tcfg.mesh, hbm_gib, ts=_train_settings(tcfg, tcfg.dtype))
+        mesh_obj = MS.make_mesh(tcfg.mesh)
+        if MS.is_writer():
+            shape = ", ".join(f"{k}={v}" for k, v in mesh_obj.shape.items())
+            kind = f"LoRA rank {tcfg.lora_rank}" if tcfg.lora_rank else "full"
+            print(f"finetune {model} on {len(pairs)} pairs from {data}: mesh {shape}, effective batch "
+                  f"{tcfg.effective_batch}, lr {tcfg.lr}, {kind}, {tcfg.dtype}")
+        tmpl = Template(kind=template, tokenizer=tok if template == "chat" else None)
+        with _prompt_lines(lambda: [w for w, _ in fileio.records(data)], "pair"):
+            train.finetune(model, pairs, tok, out, tcfg, tmpl, checkpoint_dir=checkpoint_dir, resume=resume,
+                           mesh=mesh_obj, export_dtype=None if export_dtype == "auto" else export_dtype,
+                           overwrite=overwrite)
     if MS.is_writer():
         print(f"wrote {out}")
     return out

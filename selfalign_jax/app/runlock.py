@@ -1,6 +1,6 @@
 """One process per run directory: an `fcntl` lock on RUN_DIR/.lock, held for the life of the process; and
-one per output (`acquire_output`: `selfalign finetune --out OUT` locks .OUT.lock beside OUT, as OUT itself
-is replaced when the model is exported).
+one per output (`outputs`: `selfalign finetune --out OUT` locks .OUT.lock beside OUT, as OUT itself is replaced
+when the model is exported, for as long as the command runs).
 
 The kernel drops the lock when its holder exits (however it dies), so a stale lock file never blocks;
 the file holds the holder's PID for the message a second process prints. A directory on a read-only
@@ -9,6 +9,7 @@ filesystem is not locked (nothing can write there).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -30,6 +31,24 @@ def acquire_output(path, flag: str = "--out") -> None:
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     _acquire(target.parent / f".{target.name}.lock", path, flag)
+
+
+@contextlib.contextmanager
+def outputs(*path_flags):
+    """Lock each (path, flag) output for the block (`acquire_output`); the locks this block took are dropped when
+    it ends, however it ends, so a later command of the same process (an API caller, a test) can write there."""
+    taken = []
+    try:
+        for path, flag in path_flags:
+            target = Path(path).resolve()
+            held = target.parent / f".{target.name}.lock" in _HELD
+            acquire_output(path, flag)
+            if not held:
+                taken.append(path)
+        yield
+    finally:
+        for path in taken:
+            release_output(path)
 
 
 def _acquire(p: Path, what, flag: str) -> None:
