@@ -189,16 +189,6 @@ def test_short_read_names_tensor(src, tmp_path, monkeypatch):
     _err(d, r"model\.safetensors: tensor .*: read \d+ of \d+ bytes")
 
 
-def test_tokenizer_past_vocab_refused(src, tmp_path):
-    d = _copy(src, tmp_path)
-    c = json.loads((d / "config.json").read_text())
-    c["vocab_size"] = fx.VOCAB - 3
-    (d / "config.json").write_text(json.dumps(c))
-    with pytest.raises(UserError, match=rf"tokenizer has {fx.VOCAB} tokens but the model's vocab_size is "
-                                        rf"{fx.VOCAB - 3}"):
-        checkpoint.load_tokenizer(d)
-
-
 @pytest.mark.parametrize("index,match", [
     ("{not json", "not a valid shard index .not valid JSON"), ('{"weight_map": [1, 2]}', "it needs"),
     ('[]', "it needs"), ('{"weight_map": {"a": "../x.safetensors"}}', "bad shard file name"),

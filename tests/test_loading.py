@@ -215,3 +215,13 @@ def test_encoded_id_past_the_rows_names_the_file_and_line(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"^pair 2: the text encodes to id 100"):
         batching.encode_pairs([("the water", "of it"), (word, "of it")], tok, max_length=16, cfg=cfg)
     assert len(batching.encode_pairs([("the water", "of it")], tok, max_length=16, cfg=cfg)) == 1
+
+
+def test_tokenizer_of_another_model_refused(tmp_path):
+    """A tokenizer whose own vocabulary is larger than the embedding rows (128 ids, 100 rows) does not belong."""
+    d = tmp_path / "small"
+    fx.make_model("llama", d, vocab_size=100)
+    with pytest.raises(UserError, match="the tokenizer has 128 tokens but the model's vocab_size is 100") as e:
+        checkpoint.load_tokenizer(d)
+    assert str(d) in str(e.value) and "\n" not in str(e.value)
+    assert summary(d)["tokenizer"] == "128 ids (MORE than vocab_size 100: refused at load)"

@@ -38,19 +38,6 @@ def _cli(*args, env=None):
                           env=env)
 
 
-# ------------------------------------------------------------------------------ checkpoint integrity
-
-
-def test_tokenizer_past_vocab_refused(tmp_path):
-    d = tmp_path / "small"
-    fx.make_model("llama", d, vocab_size=100)  # the fixture tokenizer has 128 ids
-    msg = _one_line(lambda: checkpoint.load_tokenizer(d), "the tokenizer has 128 tokens but the model's "
-                    "vocab_size is 100")
-    assert str(d) in msg
-    from selfalign_jax.commands.inspect_model import summary
-    assert summary(d)["tokenizer"] == "128 ids (MORE than vocab_size 100: refused at load)"
-
-
 # ------------------------------------------------------------------------------------ run directories
 def _cfg():
     from selfalign_jax.app.config import IsaraConfig
