@@ -581,6 +581,7 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
     pending: list = []
     t_last = [time.perf_counter()]
     last_saved = [start if mngr is not None and mngr.latest_step() is not None else None]
+    compiled = [len(trainer.fns.traced_shapes)]
 
     def drain():
         """Read the metrics of dispatched steps (blocks on them); raise on a non-finite value."""
@@ -612,7 +613,8 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
             # overlap: the next batch is built while this step runs; read the previous step's metrics
             drain()
             pending.append((s, m))
-            if s == start:  # the compile's freed memory back to the kernel (core/hostmem.py release)
+            if len(trainer.fns.traced_shapes) != compiled[0]:  # a new batch shape compiled: its heap back to the
+                compiled[0] = len(trainer.fns.traced_shapes)    # kernel (core/hostmem.py release)
                 hostmem.release()
             if mngr is not None and tcfg.checkpoint_every and (s + 1) % tcfg.checkpoint_every == 0 and s + 1 < total:
                 drain()  # never save past a non-finite step
