@@ -317,3 +317,34 @@ def llama_base(tmp_path_factory):
     """(path, transformers model, our tokenizer) of a tiny random llama checkpoint (the trainer tests' base)."""
     path = tmp_path_factory.mktemp("base")
     return path, make_model("llama", path), checkpoint.load_tokenizer(path)
+
+
+def tiny_run_config():
+    """An IsaraConfig of one iteration of 4 prompts on a tiny model (hashing embedder, 8 new tokens)."""
+    from selfalign_jax.app.config import IsaraConfig
+    from selfalign_jax.core.settings import GenConfig, TrainConfig
+    g = GenConfig(max_new_tokens=8, temperature=1.0)
+    return IsaraConfig(iterations=1, generate=4, demos=2, context_budget=300, embedder="hashing", question_gen=g,
+                       answer_gen=g, sft=TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_length=32),
+                       batch_size=4, seed=1, min_words=0)
+
+
+def finished_run(tmp_path_factory):
+    """(dir holding model/ and run/, the 6 seeds, the metrics rows) of a finished `tiny_run_config` run."""
+    from selfalign_jax.app import rundir
+    d = tmp_path_factory.mktemp("run")
+    make_model("llama", d / "model", max_position_embeddings=256)
+    w = WORDS[4:60]
+    seeds = [{"question": " ".join(w[i:i + 5]), "answer": " ".join(w[i + 5:i + 11])} for i in range(6)]
+    return d, seeds, rundir.run(d / "model", seeds, d / "run", tiny_run_config())
+
+
+def hold_lock(path, kind: str = "acquire"):
+    """A process holding `runlock.<kind>(path)` (acquire: a run directory; acquire_output: an output) until killed."""
+    import subprocess
+    import sys
+    code = (f"import sys, time; from selfalign_jax.app import runlock; runlock.{kind}(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p

@@ -161,20 +161,12 @@ def test_read_only_output_refused_before_generating(src, tmp_path, capsys, monke
     assert list((tmp_path / "ro").iterdir()) == []
 
 
-def _hold_output_lock(path):
-    code = ("import sys, time; from selfalign_jax.app import runlock; runlock.acquire_output(sys.argv[1]); "
-            "print('locked', flush=True); time.sleep(120)")
-    p = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "locked"
-    return p
-
-
 def test_second_finetune_on_one_out_refused(src, tmp_path, capsys, monkeypatch):
     from selfalign_jax.app import runlock
     _no_work(monkeypatch)
     data = _qa(tmp_path / "d.jsonl", [{"question": "the water", "answer": "is good"}] * 3)
     out = tmp_path / "ft"
-    p = _hold_output_lock(out)
+    p = fx.hold_lock(out, "acquire_output")
     try:
         _refused(capsys, ["finetune", "--model", src, "--data", data, "--out", out],
                  rf"error: {re.escape(str(out))}: in use by another selfalign process \(PID {p.pid}\); wait for it "
@@ -226,23 +218,12 @@ def test_replace_aside_failing_leaves_no_old_copy(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- runs, reports, cluster
 def _cfg():
-    from selfalign_jax.app.config import IsaraConfig
-    from selfalign_jax.core.settings import GenConfig, TrainConfig
-    g = GenConfig(max_new_tokens=8, temperature=1.0)
-    return IsaraConfig(iterations=1, generate=4, demos=2, context_budget=300, embedder="hashing", question_gen=g,
-                       answer_gen=g, sft=TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_length=32),
-                       batch_size=4, seed=1, min_words=0)
+    return fx.tiny_run_config()
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from selfalign_jax.app import rundir
-    d = tmp_path_factory.mktemp("run")
-    fx.make_model("llama", d / "model", max_position_embeddings=256)
-    w = fx.WORDS[4:60]
-    seeds = [{"question": " ".join(w[i:i + 5]), "answer": " ".join(w[i + 5:i + 11])} for i in range(6)]
-    rows = rundir.run(d / "model", seeds, d / "run", _cfg())
-    return d, seeds, rows
+    return fx.finished_run(tmp_path_factory)
 
 
 def test_stage_cut_at_row_boundary_redone(finished, tmp_path, capsys):

@@ -40,31 +40,12 @@ def _cli(*args, env=None):
 
 # ------------------------------------------------------------------------------------ run directories
 def _cfg():
-    from selfalign_jax.app.config import IsaraConfig
-    from selfalign_jax.core.settings import GenConfig, TrainConfig
-    g = GenConfig(max_new_tokens=8, temperature=1.0)
-    return IsaraConfig(iterations=1, generate=4, demos=2, context_budget=300, embedder="hashing", question_gen=g,
-                       answer_gen=g, sft=TrainConfig(lr=1e-3, batch_size=4, grad_accum=1, max_length=32),
-                       batch_size=4, seed=1, min_words=0)
+    return fx.tiny_run_config()
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    from selfalign_jax.app import rundir
-    d = tmp_path_factory.mktemp("run")
-    fx.make_model("llama", d / "model", max_position_embeddings=256)
-    w = fx.WORDS[4:60]
-    seeds = [{"question": " ".join(w[i:i + 5]), "answer": " ".join(w[i + 5:i + 11])} for i in range(6)]
-    rows = rundir.run(d / "model", seeds, d / "run", _cfg())
-    return d, seeds, rows
-
-
-def _hold_lock(run_dir):
-    code = ("import sys, time; from selfalign_jax.app import runlock; runlock.acquire(sys.argv[1]); "
-            "print('locked', flush=True); time.sleep(120)")
-    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "locked"
-    return p
+    return fx.finished_run(tmp_path_factory)
 
 
 def test_second_process_refused_naming_the_holder(finished, tmp_path):
@@ -72,7 +53,7 @@ def test_second_process_refused_naming_the_holder(finished, tmp_path):
     d, seeds, _ = finished
     run = tmp_path / "r"
     run.mkdir()
-    p = _hold_lock(run)
+    p = fx.hold_lock(run)
     try:
         for force in (False, True):
             msg = _one_line(lambda: rundir.run(d / "model", seeds, run, _cfg(), force=force),
