@@ -39,14 +39,15 @@ N_SEEDS = 64
 # Settings (docs/real-demo-truthful.md says why): the safety demo's sampling and SFT schedule (chat
 # template, N = 64, K = 4, middle-layer retrieval, answers at T 0.7 / top-k 50, lr 5e-5 halved per
 # iteration, 2 epochs, effective batch 64), shorter generations (TruthfulQA answers are one sentence), and
-# the SFT micro-batch 4 x 16 with remat, fixed (auto_fit off), so that a run stays under ~6 GB of memory.
+# the SFT micro-batch 4 x 16, fixed (auto_fit off; the split the trainer takes on a CPU anyway), no remat (on a
+# CPU remat costs 3x the step time and saves no memory: docs/benchmarks.md).
 TRUTHFUL = IsaraConfig(
     iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm", lm_layers=0.5,
     question_gen=GenConfig(max_new_tokens=40, temperature=1.0, top_k=50, repetition_penalty=1.05,
                            no_repeat_ngram=10),
     answer_gen=GenConfig(max_new_tokens=48, temperature=0.7, top_k=50),
     eval_max_new_tokens=48, lr_decay=0.5,
-    sft=TrainConfig(lr=5e-5, epochs=2, batch_size=4, grad_accum=16, remat=True, max_length=256, auto_fit=False),
+    sft=TrainConfig(lr=5e-5, epochs=2, batch_size=4, grad_accum=16, max_length=256, auto_fit=False),
     batch_size=32, seed=0)
 SUBSET = 80  # held-out questions of the default evaluation (round-robin over the categories)
 MC_SUBSET = 40  # of those, the ones also scored by MC likelihoods (the default run; --full-eval: all)
