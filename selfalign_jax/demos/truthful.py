@@ -30,8 +30,8 @@ from selfalign_jax.app.evaluate.truthfulqa import TruthfulQAMCScorer, TruthfulQA
 from selfalign_jax.core import fileio
 from selfalign_jax.core.errors import UserError
 from selfalign_jax.core.loaded import LoadedModel
-from selfalign_jax.core.settings import GenConfig, TrainConfig
 from selfalign_jax.core.template import Template
+from selfalign_jax.demos.real import REAL
 
 ASSETS = Path(__file__).parent / "assets" / "truthful"
 N_SEEDS = 64
@@ -41,14 +41,10 @@ N_SEEDS = 64
 # iteration, 2 epochs, effective batch 64), shorter generations (TruthfulQA answers are one sentence), and
 # the SFT micro-batch 4 x 16, fixed (auto_fit off; the split the trainer takes on a CPU anyway), no remat (on a
 # CPU remat costs 3x the step time and saves no memory: docs/benchmarks.md).
-TRUTHFUL = IsaraConfig(
-    iterations=2, generate=64, demos=4, context_budget=1500, template="chat", embedder="lm", lm_layers=0.5,
-    question_gen=GenConfig(max_new_tokens=40, temperature=1.0, top_k=50, repetition_penalty=1.05,
-                           no_repeat_ngram=10),
-    answer_gen=GenConfig(max_new_tokens=48, temperature=0.7, top_k=50),
-    eval_max_new_tokens=48, lr_decay=0.5,
-    sft=TrainConfig(lr=5e-5, epochs=2, batch_size=4, grad_accum=16, max_length=256, auto_fit=False),
-    batch_size=32, seed=0)
+TRUTHFUL = dataclasses.replace(
+    REAL, question_gen=dataclasses.replace(REAL.question_gen, max_new_tokens=40),
+    answer_gen=dataclasses.replace(REAL.answer_gen, max_new_tokens=48), eval_max_new_tokens=48,
+    sft=dataclasses.replace(REAL.sft, batch_size=4, grad_accum=16, auto_fit=False))
 SUBSET = 80  # held-out questions of the default evaluation (round-robin over the categories)
 MC_SUBSET = 40  # of those, the ones also scored by MC likelihoods (the default run; --full-eval: all)
 BASELINES = ("sft", "icl-knn")
@@ -226,12 +222,9 @@ def run_truthful(model: Path, run_dir: Path, seed: int = 0, iterations: int = 2,
     isara.log(f"ISARA (truthful) on {Path(model).name}: {len(seed_rows)} seeds, {len(evals)} eval questions, "
               f"seed {seed}, {cfg.template} template")
     scorer = TruthfulQAScorer()
-    rows = rundir.run(model, seed_rows, run_dir, cfg, evals, scorer, force=force, argv_note=note)
     if baselines is None:
         baselines = BASELINES + (ALL_BASELINES if all_baselines else ())
-    for kind in baselines:
-        isara.log(f"baseline: {kind}")
-        rows = rundir.baseline(kind, model, seed_rows, run_dir, cfg, evals, scorer, note=note)
+    rows = rundir.run_and_baselines(model, seed_rows, run_dir, cfg, evals, scorer, baselines, force=force, note=note)
     run_dir = Path(run_dir)
     add_mc(run_dir, Path(model), seed_rows, cfg, evals, mc_set, note)
     rows = rundir.collect_rows(run_dir, len(seed_rows))
