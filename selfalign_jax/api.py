@@ -278,8 +278,8 @@ def generate(model, prompts, out, gen: GenConfig | None = None, seed: int = 0, b
     t0 = time.perf_counter()
     with _prompt_lines(where):
         res = G.generate(lm.params, lm.cfg, lm.tokenizer, ids, gen,
-                         stop=() if no_stop else stop, seed=seed, batch_size=batch_size, chat_template=chat_template,
-                         truncate=truncate, progress=True, mesh=MS.make_mesh(mesh) if mesh else None)
+                         stop=() if no_stop else stop, seed=seed, batch_size=batch_size, truncate=truncate,
+                         progress=True, mesh=MS.make_mesh(mesh) if mesh else None)
     dt = time.perf_counter() - t0
     done = [{**row, "completion": r.text} for row, r in zip(rows, res)]
     if MS.is_writer():

@@ -28,9 +28,9 @@ def acquire(directory) -> None:
 def acquire_output(path, flag: str = "--out") -> None:
     """Lock the output `path` (a file or directory, which need not exist yet; its parent is made) for this
     process: a second process writing the same output is refused, naming `flag`."""
-    target = Path(path).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _acquire(target.parent / f".{target.name}.lock", path, flag)
+    lock = _output_lock(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    _acquire(lock, path, flag)
 
 
 @contextlib.contextmanager
@@ -40,8 +40,7 @@ def outputs(*path_flags):
     taken = []
     try:
         for path, flag in path_flags:
-            target = Path(path).resolve()
-            held = target.parent / f".{target.name}.lock" in _HELD
+            held = _output_lock(path) in _HELD
             acquire_output(path, flag)
             if not held:
                 taken.append(path)
@@ -49,6 +48,12 @@ def outputs(*path_flags):
     finally:
         for path in taken:
             release_output(path)
+
+
+def _output_lock(path) -> Path:
+    """The lock file of the output `path`: .NAME.lock beside it."""
+    target = Path(path).resolve()
+    return target.parent / f".{target.name}.lock"
 
 
 def _acquire(p: Path, what, flag: str) -> None:
@@ -79,8 +84,7 @@ def release(directory) -> None:
 
 def release_output(path) -> None:
     """Drop this process's lock on the output `path` (tests)."""
-    target = Path(path).resolve()
-    _release(target.parent / f".{target.name}.lock")
+    _release(_output_lock(path))
 
 
 def _release(p: Path) -> None:
