@@ -82,8 +82,8 @@ tc = T.TrainConfig(lr=float(sys.argv[4]), batch_size=inputs.shape[0], grad_accum
 tr = T.Trainer(cfg, tc, total_steps=int(sys.argv[5]))
 state, frozen = tr.init_state(params)
 del params
-batch = tr.put_batch({"tokens": inputs[None], "targets": targets[None], "weights": weights[None].astype(np.float32),
-                      "pos": np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape)[None].copy()})
+batch = {"tokens": inputs[None], "targets": targets[None], "weights": weights[None].astype(np.float32),
+         "pos": np.broadcast_to(np.arange(inputs.shape[1], dtype=np.int32), inputs.shape)[None].copy()}
 times, cpus, losses = [], [], []
 for i in range(warmup + steps):
     t, c, f = time.perf_counter(), time.process_time(), minflt()

@@ -74,22 +74,24 @@ def main():
              "pos": np.broadcast_to(np.arange(a.length, dtype=np.int32), (1, rows, a.length)).copy(),
              "targets": np.random.default_rng(1).integers(0, cfg.vocab_size, (1, rows, a.length), dtype=np.int32),
              "weights": np.ones((1, rows, a.length), np.float32)}
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.batch_sh[k]) for k, v in batch.items()}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=tr.batch_sh[k]) for k, v in batch.items()}
     frozen_abs = None
     if a.lora:
         frozen_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(a.dtype), sharding=sh),
                                   M.param_specs(cfg), tr.frozen_sh, is_leaf=M.is_spec)
-    ma = tr.fns.step.lower(tr.abstract_state(), frozen_abs, abstract, tr.sched).compile().memory_analysis()
+    # the micro-batch's gradient (the step's largest temporaries) with the train state held beside it
+    ma = tr.fns.grads.lower(tr.abstract_state().params, frozen_abs, abstract).compile().memory_analysis()
     mib = 1 << 20
-    state = pb["params"] + pb["lora"] + pb["optimizer"]
+    args = pb["params"] + pb["lora"]
     temp = pb["gradients"] + pb["work"] + pb["activations"] + pb["loss"]
+    xla_temp = ma.temp_size_in_bytes + ma.output_size_in_bytes  # the gradient is the output
     dev = jax.devices()[0]
     print(f"{dev.platform} {dev.device_kind}, mesh {sizes}, {cfg.n_layers} layers, D={cfg.hidden}, V={cfg.vocab_size}, "
           f"batch {a.batch} x {a.length}, {a.dtype}, remat {a.remat}, LoRA {a.lora}")
-    print(f"  state (arguments, with the frozen base under LoRA): plan {state / mib:.1f} MiB, "
+    print(f"  arguments (trainable, with the frozen base under LoRA): plan {args / mib:.1f} MiB, "
           f"XLA {ma.argument_size_in_bytes / mib:.1f} MiB")
-    print(f"  temporaries:       plan {temp / mib:.1f} MiB, XLA {ma.temp_size_in_bytes / mib:.1f} MiB "
-          f"(ratio {ma.temp_size_in_bytes / max(temp, 1):.2f})")
+    print(f"  gradient + temporaries of one micro-batch: plan {temp / mib:.1f} MiB, XLA {xla_temp / mib:.1f} MiB "
+          f"(ratio {xla_temp / max(temp, 1):.2f})")
     if a.run or dev.platform != "cpu":
         params = jax.jit(lambda k: M.init_params(dataclasses.replace(cfg, dtype="float32"), k),
                          out_shardings=tr.param_sh)(jax.random.PRNGKey(0))

@@ -132,7 +132,7 @@ def test_packed_step_equals_unpacked_step(tmp_path, family):
     assert m1["tokens"] == m0["tokens"] and m1["inputs"] == m0["inputs"]
     assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-4)
-    assert _maxdiff(p0, p1) < 1e-5
+    assert _maxdiff(p0, p1) < 3e-5  # summation order; a flipped Adam sign would move a weight by lr = 1e-3
 
 
 # ------------------------------------------------------------------------------------ memory fit
@@ -205,14 +205,14 @@ def test_command_line_flags_pin_the_split():
 
 
 def test_streams_split_the_batch_without_changing_the_step(base):
-    """streams = independent row slices of a micro-batch in one graph: the same step (auto = 4 on one CPU)."""
+    """streams = independent row slices of a micro-batch in one graph: the same step."""
     path, _, tok = base
     cfg, params = C.load(path, dtype="float32")
     enc = batching.encode_pairs(_pairs(16), tok, max_length=32)
     tc = train.TrainConfig(lr=1e-3, batch_size=8, grad_accum=2, max_length=32, warmup_ratio=0.0)
     batch = batching.make_batch(enc, np.arange(16), 2, 8, 32)
     out = {}
-    for n in (1, 2, 0):
+    for n in (1, 2, 4):
         tr = train.Trainer(cfg, dataclasses.replace(tc, streams=n), total_steps=4)
         state, frozen = tr.init_state(params)
         state, m = tr.step(state, frozen, batch)

@@ -25,13 +25,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from selfalign_jax.core import hostmem, train
+from selfalign_jax.core import checkpoint, hostmem, train
 from selfalign_jax.core import generate as G
 from selfalign_jax.app import config as app_config, filters
 from selfalign_jax.app.config import IsaraConfig
 from selfalign_jax.core.settings import GenConfig, given_train_fields, pin_split
 from selfalign_jax.core.loaded import LoadedModel
-from selfalign_jax.core.mesh import make_mesh, writer_only
+from selfalign_jax.core.mesh import compute_dtype, make_mesh, writer_only
 from selfalign_jax.core.template import MARKERS, Template, cut
 
 STAGES = {"questions": 1, "answers": 2, "filter": 3, "sft": 4, "eval": 5, "icl": 6}
@@ -165,18 +165,27 @@ def filter_answers(answers: list[dict], pools, t: int, cfg: IsaraConfig) -> tupl
 
 
 # ------------------------------------------------------------------------------- ISARA, step 5
-def sft(model: LoadedModel, pairs: list[dict], out_dir: Path, lr: float, cfg: IsaraConfig, t: int) -> LoadedModel:
-    """Fine-tune the current model on `pairs` (loss on answers), export to out_dir, return M_t."""
-    tcfg = dataclasses.replace(cfg.sft, lr=lr, seed=cfg.seed * 1000 + t, dtype=model.cfg.dtype,
-                               max_length=min(cfg.sft.max_length, model.cfg.max_pos - 1), mesh=cfg.mesh or cfg.sft.mesh)
+def sft(model: LoadedModel | Path, pairs: list[dict], out_dir: Path, lr: float, cfg: IsaraConfig,
+        t: int) -> LoadedModel:
+    """Fine-tune the current model (loaded, or its directory: read straight into the train state) on `pairs`
+    (loss on answers), export to out_dir, return M_t."""
+    path = Path(model) if isinstance(model, (str, Path)) else model.path
+    base = json.loads((path / "config.json").read_text())
+    if isinstance(model, LoadedModel):
+        dtype, max_pos, tokenizer = model.cfg.dtype, model.cfg.max_pos, model.tokenizer
+    else:
+        dtype, max_pos = compute_dtype(cfg.dtype), checkpoint.config_from_hf(base).max_pos
+        tokenizer = checkpoint.load_tokenizer(path)
+    tcfg = dataclasses.replace(cfg.sft, lr=lr, seed=cfg.seed * 1000 + t, dtype=dtype,
+                               max_length=min(cfg.sft.max_length, max_pos - 1), mesh=cfg.mesh or cfg.sft.mesh)
     tcfg = pin_split(tcfg, given_train_fields(app_config.COMMAND_LINE, "sft."))  # --sft.batch-size etc. run as given
-    base = json.loads((model.path / "config.json").read_text())
-    log(f"SFT of {model.path.name} on {len(pairs)} pairs, lr {lr:.3g}")
+    log(f"SFT of {path.name} on {len(pairs)} pairs, lr {lr:.3g}")
     # Orbax train state (params + Adam moments in fp32: 3x the model): only for resuming this SFT, so it
     # is deleted once the model is exported
     ckpt = Path(out_dir).with_name(Path(out_dir).name + ".ckpt")
-    trained = train.finetune(model, [(p["question"], p["answer"]) for p in pairs], out_dir=out_dir, train_cfg=tcfg,
-                             template=Template(cfg.template, model.tokenizer), checkpoint_dir=ckpt, base_config=base)
+    trained = train.finetune(model, [(p["question"], p["answer"]) for p in pairs], tokenizer, out_dir=out_dir,
+                             train_cfg=tcfg, template=Template(cfg.template, tokenizer), checkpoint_dir=ckpt,
+                             base_config=base)
     if ckpt.is_dir():
         writer_only("sft_ckpt", lambda: shutil.rmtree(ckpt))
     hostmem.release()

@@ -231,6 +231,11 @@ class LazyModel:
     def model(self) -> LoadedModel:
         return LoadedModel.load(self.path, self.dtype)
 
+    def release(self) -> Path:
+        """Drop the loaded copy (a later `.model` reads the directory again) and return the directory."""
+        self.__dict__.pop("model", None)
+        return self.path
+
 
 def with_defaults(d: dict, default: dict) -> dict:
     """d with the keys it lacks taken from `default` (nested): a field a run directory's config.json
@@ -308,6 +313,12 @@ class RunDir:
             raise UserError("--embedder encoder (the paper preset's default) needs --encoder DIR (a local "
                             "sentence-encoder directory, e.g. all-MiniLM-L6-v2), or choose --embedder lm|hashing")
         return embed.get_embedder(c.embedder, model=c.encoder)
+
+    def sft_source(self, m: LazyModel):
+        """What SFT starts from: the base model as loaded (the embedder holds it anyway, so the trainer copies
+        it), any later model as its directory with the loaded copy dropped (read straight into the train
+        state: one copy of the weights in memory, not two)."""
+        return m.model if m is self.base else m.release()
 
     def index(self, j: int, pool: list[dict], embedder):
         """Pool set D_j's index (built once, saved under index/D_j, reloaded memory-mapped)."""
@@ -556,7 +567,7 @@ def baseline(kind: str, model_dir, seeds, run_dir, cfg, eval_set, scorer, force=
         for t in range(1, cfg.iterations + 1):
             lr = cfg.sft.lr * cfg.lr_decay ** (t - 1)
             m = rd.model_stage(rd.root / name / f"round_{t}",
-                               lambda out, m=m, t=t, lr=lr: isara.sft(m.model, rd.seeds, out, lr, cfg, t))
+                               lambda out, m=m, t=t, lr=lr: isara.sft(rd.sft_source(m), rd.seeds, out, lr, cfg, t))
         rd.eval_stage(name, m, scorer, row="sft", rounds=cfg.iterations)
     elif kind == "icl-knn":
         emb = rd.embedder
@@ -604,7 +615,8 @@ def run(model_dir, seeds: list[dict], run_dir, cfg: IsaraConfig, eval_set=None, 
                            expect=len(questions))
         kept = rd.filter_stage(it, lambda: isara.filter_answers(answers, pools, t, cfg))
         lr = cfg.sft.lr * cfg.lr_decay ** (t - 1)
-        model = rd.model_stage(it / "model", lambda out: isara.sft(model.model, rd.seeds + kept, out, lr, cfg, t))
+        model = rd.model_stage(it / "model", lambda out: isara.sft(rd.sft_source(model), rd.seeds + kept, out, lr,
+                                                                   cfg, t))
         if eval_set is not None:
             rd.eval_stage(f"iter_{t}", model, scorer, row=f"isara_it{t}", iteration=t)
         pools.append(kept)

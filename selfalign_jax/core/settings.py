@@ -93,7 +93,7 @@ class TrainConfig:
     auto_fit: bool = True
     memory_gib: float = 0.0  # auto_fit's budget per device in GiB; 0: the memory at hand (HBM, or host RAM)
     loss_chunk: int = 512  # tokens per chunk of the fused LM-head + cross-entropy (0: plain, full logits)
-    streams: int = 0  # row slices of a micro-batch run side by side in one graph (CPU cores); 0: auto (4 on one CPU)
+    streams: int = 1  # row slices of a micro-batch run side by side in one graph (each a copy of the model in it)
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # compute (masters, Adam stay fp32); auto: by backend
     seed: int = 0  # data order and LoRA init
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -117,7 +117,7 @@ class TrainConfig:
             ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
             ("b1", 0 <= self.b1 < 1, "must be in [0, 1)"), ("b2", 0 <= self.b2 < 1, "must be in [0, 1)"),
             ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
-            ("streams", self.streams >= 0, "must be >= 0"), ("memory_gib", self.memory_gib >= 0, "must be >= 0"),
+            ("streams", self.streams >= 1, "must be >= 1"), ("memory_gib", self.memory_gib >= 0, "must be >= 0"),
             ("lora_targets", not bad, f"has an unknown entry {bad[0] if bad else ''!r} (choose from "
                                       f"{', '.join(LORA_TARGETS)})")])
 

@@ -11,18 +11,20 @@ so `grad_accum` micro-batches of `batch_size` rows give the same gradient as one
 `batch_size * grad_accum` rows (up to float summation order); clipping and AdamW see that mean.
 `loss_norm="sequence"` (the authors'): each row's answer-token nll sum / its micro-batch's padded length
 (longest row), mean over the micro-batch's rows, mean over the step's micro-batches (`sequence_weights`:
-folded into the loss weights, so the fused loss, the streams and the accumulation scan are unchanged).
+folded into the loss weights on the host, so the fused loss, the streams and the accumulation are unchanged).
 It depends on the micro-batch split: the authors' 4 x 8 is `batch_size=4, grad_accum=8`.
 
 Sharding: a ('data', 'fsdp', 'tensor') mesh (`mesh.make_mesh`); parameters, adapters and optimizer
 state are placed by the logical-axis rules of `model.ShardingRules` (optimizer moments inherit
-their parameter's sharding), batches are split over data x fsdp. One jitted step with explicit
-in/out shardings and the train state donated.
+their parameter's sharding), micro-batches are split over data x fsdp. A step is jitted functions
+with explicit in/out shardings: `grads` / `accum` per micro-batch [b, T] (the running sum donated) and `update` (the
+train state donated), dispatched without waiting, so a step's memory is one micro-batch's activations
+and one compile serves every A (micro-batches a step) of a length bucket.
 
 Compiles: the step is built by `_make_step(StepSpec)`, cached on everything static (model config,
 optimizer constants, LoRA, mesh); the learning-rate schedule's peak, warm-up and length enter the step
 as traced scalars. So every Trainer of a process that agrees on the StepSpec (every ISARA iteration and
-every baseline of a run) shares one compiled step per batch shape.
+every baseline of a run) shares one compile per micro-batch shape.
 
 Checkpoints: an Orbax CheckpointManager under `checkpoint_dir` holds {params or adapters,
 optimizer state, step} plus JSON metadata (data position, fingerprint of the data and
@@ -72,6 +74,9 @@ from selfalign_jax.core.errors import UserError
 from selfalign_jax.core.loaded import LoadedModel
 from selfalign_jax.core.loss import token_nll
 from selfalign_jax.core.template import Template
+
+
+BATCH_KEYS = ("tokens", "pos", "targets", "weights")
 
 
 class TrainingDiverged(UserError):
@@ -142,18 +147,18 @@ def _opt_shardings(optimizer, params_abstract, param_sh, mesh):
     return jax.tree_util.tree_map_with_path(pick, state)
 
 
-def sequence_weights(w_AxBxT, pos_AxBxT):
+def sequence_weights(w_AxBxT: np.ndarray, pos_AxBxT: np.ndarray) -> np.ndarray:
     """Loss weights that make sum(w' * nll) the authors' loss (safe-rlhf `SupervisedFinetuneTrainer`:
     per row, the nll summed over answer tokens / (padded length - 1), mean over the rows, and DeepSpeed's
     mean over the accumulated micro-batches). Per micro-batch a: w / (L_a * rows_a * A') with L_a its
     longest row's inputs (the authors pad each micro-batch to its longest), rows_a its non-empty rows and
-    A' the step's non-empty micro-batches (a short last step counts only the rows it has)."""
-    n_AxB = jnp.sum(pos_AxBxT >= 0, axis=-1)
-    L_A = jnp.max(n_AxB, axis=-1).astype(jnp.float32)
-    rows_A = jnp.sum(n_AxB > 0, axis=-1).astype(jnp.float32)
-    live = jnp.maximum(jnp.sum(rows_A > 0).astype(jnp.float32), 1.0)
-    scale_A = 1.0 / (jnp.maximum(L_A, 1.0) * jnp.maximum(rows_A, 1.0) * live)
-    return w_AxBxT * scale_A[:, None, None]
+    A' the step's non-empty micro-batches (a short last step counts only the rows it has). Host arrays."""
+    n_AxB = np.sum(pos_AxBxT >= 0, axis=-1)
+    L_A = np.max(n_AxB, axis=-1).astype(np.float32)
+    rows_A = np.sum(n_AxB > 0, axis=-1).astype(np.float32)
+    live = max(float(np.sum(rows_A > 0)), 1.0)
+    scale_A = 1.0 / (np.maximum(L_A, 1.0) * np.maximum(rows_A, 1.0) * live)
+    return (w_AxBxT * scale_A[:, None, None]).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -226,11 +231,15 @@ class StepFns:
         self.opt_sh = _opt_shardings(self.optimizer, self.train_abstract, self.train_sh, mesh)
         self.rep = meshlib.replicated(mesh)
         self.state_sh = TrainState(self.train_sh, self.opt_sh, self.rep)
-        self.batch_sh = {k: meshlib.batch_sharding(mesh, leading=1) for k in ("tokens", "pos", "targets", "weights")}
+        self.batch_sh = {k: meshlib.batch_sharding(mesh) for k in BATCH_KEYS}  # one micro-batch [b, T]
         self.sched_sh = {k: self.rep for k in ("peak", "warmup", "total")}
-        self.step = jax.jit(self._train_step,
-                            in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh, self.sched_sh),
-                            out_shardings=(self.state_sh, self.rep), donate_argnums=0)
+        acc_sh = (self.rep, self.train_sh)
+        self.grads = jax.jit(self._grads, in_shardings=(self.train_sh, self.frozen_sh, self.batch_sh),
+                             out_shardings=acc_sh)
+        self.accum = jax.jit(self._accum, in_shardings=(self.train_sh, self.frozen_sh, self.batch_sh, acc_sh),
+                             out_shardings=acc_sh, donate_argnums=3)
+        self.update = jax.jit(self._update, in_shardings=(self.state_sh, acc_sh, self.rep, self.sched_sh),
+                              out_shardings=(self.state_sh, self.rep), donate_argnums=0)
         self.opt_init = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)
         self.to_master = jax.jit(lambda p: _cast(p, jnp.float32), out_shardings=self.train_sh)
         self.to_frozen = jax.jit(lambda p: _cast(p, self.compute_cfg.jdtype), out_shardings=self.frozen_sh)
@@ -238,7 +247,7 @@ class StepFns:
                                  out_shardings=self.train_sh) if self.lora else None
         self.merge = jax.jit(lambda f, a: lora.merge(_cast(f, jnp.float32), a, self.scale, dtype=jnp.float32),
                              out_shardings=self.param_sh) if self.lora else None
-        self.traced_shapes: list[tuple] = []  # batch shapes the step was traced for (tests count compiles)
+        self.traced_shapes: list[tuple] = []  # (function, micro-batch shape) traced (tests count compiles)
 
     def model_params(self, trainable, frozen) -> M.Params:
         """The parameters the model runs with (compute dtype): merged under LoRA."""
@@ -252,40 +261,31 @@ class StepFns:
         return token_nll(self.model_params(trainable, frozen), self.compute_cfg, mb, t.remat,
                          fused=t.loss_chunk > 0, chunk_tokens=t.loss_chunk, streams=self.spec.streams)
 
-    def _grads(self, trainable, frozen, batch):
-        """Sum over micro-batches of (nll sum, d nll sum / d trainable)."""
-        vg = jax.value_and_grad(self.loss, has_aux=True)
-        A = batch["tokens"].shape[0]
-        if A == 1:
-            (l, _), g = vg(trainable, frozen, jax.tree.map(lambda x: x[0], batch))
-            return l, g
-
-        def body(carry, mb):
-            gacc, lacc = carry
-            (l, _), g = vg(trainable, frozen, mb)
-            gacc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, gacc, g), self.train_sh)
-            return (gacc, lacc + l), None
-
-        g0 = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, trainable), self.train_sh)
-        (g, l), _ = jax.lax.scan(body, (g0, jnp.zeros((), jnp.float32)), batch)
+    def _grads(self, trainable, frozen, mb):
+        """(nll sum, d nll sum / d trainable) of one micro-batch [b, T]."""
+        self.traced_shapes.append(("grads", tuple(mb["tokens"].shape)))
+        (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb)
         return l, g
 
-    def _train_step(self, state: TrainState, frozen, batch, sched):
-        self.traced_shapes.append(tuple(batch["tokens"].shape))
-        total = batch["weights"].sum()
-        denom = jnp.maximum(total, 1.0)
-        if self.spec.tcfg.loss_norm == "sequence":
-            batch = {**batch, "weights": sequence_weights(batch["weights"], batch["pos"])}
-            denom = jnp.ones((), jnp.float32)
-        lsum, gsum = self._grads(state.params, frozen, batch)
+    def _accum(self, trainable, frozen, mb, acc):
+        """acc + this micro-batch's (nll sum, gradient); acc is donated, so the sum is written in place."""
+        self.traced_shapes.append(("accum", tuple(mb["tokens"].shape)))
+        (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb)
+        lacc, gacc = acc
+        return lacc + l, jax.tree.map(jnp.add, gacc, g)
+
+    def _update(self, state: TrainState, acc, counts, sched):
+        """The optimizer step from the summed (nll, gradient) of a step's micro-batches. counts: [weight sum
+        (answer tokens), model inputs, loss denominator] of the whole step."""
+        lsum, gsum = acc
+        denom = counts[2]
         grads = jax.tree.map(lambda g: g / denom, gsum)
-        loss = lsum / denom
         gnorm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         lr = schedule_lr(self.spec.tcfg.schedule, state.step, sched["peak"], sched["warmup"], sched["total"])
         updates = jax.tree.map(lambda u: (-lr).astype(u.dtype) * u, updates)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": gnorm, "lr": lr, "tokens": total, "inputs": (batch["pos"] >= 0).sum()}
+        metrics = {"loss": lsum / denom, "grad_norm": gnorm, "lr": lr, "tokens": counts[0], "inputs": counts[1]}
         return TrainState(params, opt_state, state.step + 1), metrics
 
 
@@ -307,8 +307,7 @@ class Trainer:
         self.mesh = mesh if mesh is not None else meshlib.make_mesh(tcfg.mesh)
         mult = meshlib.batch_size_multiple(self.mesh)
         self.micro_rows = -(-tcfg.batch_size // mult) * mult
-        one_cpu = self.mesh.devices.size == 1 and self.mesh.devices.flat[0].platform == "cpu"
-        self.streams = tcfg.streams or (4 if one_cpu and self.micro_rows % 4 == 0 else 1)
+        self.streams = tcfg.streams
         if self.micro_rows % self.streams:
             raise UserError(f"streams {self.streams} must divide the micro-batch rows {self.micro_rows}")
         self.fns = _make_step(StepSpec.of(cfg, tcfg, self.streams, self.mesh, rules))
@@ -362,14 +361,23 @@ class Trainer:
     def loss(self, trainable, frozen, mb):
         return self.fns.loss(trainable, frozen, mb)
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: meshlib.put(v, self.batch_sh[k]) for k, v in batch.items()}
-
-    def step(self, state: TrainState, frozen, batch: dict) -> tuple[TrainState, dict]:
-        """One optimizer step (batch: numpy arrays from make_batch, or already placed arrays)."""
-        if isinstance(batch["tokens"], np.ndarray):
-            batch = self.put_batch(batch)
-        return self.fns.step(state, frozen, batch, self.sched)
+    def step(self, state: TrainState, frozen, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        """One optimizer step on a batch [A, b, T] from make_batch (host arrays): the micro-batches are
+        dispatched one by one (one compile per micro-batch shape, whatever A is), their nll and gradient
+        summed on the device, then one update. Nothing here blocks on the device. Donates `state`."""
+        batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+        weights = batch["weights"]
+        total = float(weights.sum())
+        denom = max(total, 1.0)
+        if self.tcfg.loss_norm == "sequence":
+            weights, denom = sequence_weights(weights, batch["pos"]), 1.0
+        counts = meshlib.put(np.array([total, (batch["pos"] >= 0).sum(), denom], np.float32), self.rep)
+        acc = None
+        for a in range(weights.shape[0]):
+            mb = {k: meshlib.put(weights[a] if k == "weights" else batch[k][a], self.batch_sh[k]) for k in BATCH_KEYS}
+            acc = self.fns.grads(state.params, frozen, mb) if acc is None else \
+                self.fns.accum(state.params, frozen, mb, acc)
+        return self.fns.update(state, acc, counts, self.sched)
 
     def merged(self, state: TrainState, frozen) -> M.Params:
         """Full parameters for export: fp32 masters, or base + scale * B @ A (fp32) under LoRA."""
