@@ -17,9 +17,10 @@ It depends on the micro-batch split: the authors' 4 x 8 is `batch_size=4, grad_a
 Sharding: a ('data', 'fsdp', 'tensor') mesh (`mesh.make_mesh`); parameters, adapters and optimizer
 state are placed by the logical-axis rules of `model.ShardingRules` (optimizer moments inherit
 their parameter's sharding), micro-batches are split over data x fsdp. A step is jitted functions
-with explicit in/out shardings: `grads` / `accum` per micro-batch [b, T] (the running sum donated) and `update` (the
-train state donated), dispatched without waiting, so a step's memory is one micro-batch's activations
-and one compile serves every A (micro-batches a step) of a length bucket.
+with explicit in/out shardings: `accum` per micro-batch [b, T] (into a zeroed running sum, donated;
+`grads` alone when grad_accum is 1) and `update` (the train state donated), dispatched without waiting,
+so a step's memory is one micro-batch's activations and one compile serves every A (micro-batches a
+step) of a length bucket.
 
 Compiles: the step is built by `_make_step(StepSpec)`, cached on everything static (model config,
 optimizer constants, LoRA, mesh); the learning-rate schedule's peak, warm-up and length enter the step
@@ -238,6 +239,8 @@ class StepFns:
                              out_shardings=acc_sh)
         self.accum = jax.jit(self._accum, in_shardings=(self.train_sh, self.frozen_sh, self.batch_sh, acc_sh),
                              out_shardings=acc_sh, donate_argnums=3)
+        self.zeros = jax.jit(lambda: (jnp.zeros((), jnp.float32), jax.tree.map(
+            lambda a: jnp.zeros(a.shape, a.dtype), self.train_abstract)), out_shardings=acc_sh)
         self.update = jax.jit(self._update, in_shardings=(self.state_sh, acc_sh, self.rep, self.sched_sh),
                               out_shardings=(self.state_sh, self.rep), donate_argnums=0)
         self.opt_init = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)
@@ -372,7 +375,9 @@ class Trainer:
         if self.tcfg.loss_norm == "sequence":
             weights, denom = sequence_weights(weights, batch["pos"]), 1.0
         counts = meshlib.put(np.array([total, (batch["pos"] >= 0).sum(), denom], np.float32), self.rep)
-        acc = None
+        # grad_accum 1: the gradient alone (no second gradient-sized buffer); else every micro-batch adds into a
+        # zeroed sum, so one function compiles per length bucket (a step of one micro-batch included)
+        acc = None if self.tcfg.grad_accum == 1 else self.fns.zeros()
         for a in range(weights.shape[0]):
             mb = {k: meshlib.put(weights[a] if k == "weights" else batch[k][a], self.batch_sh[k]) for k in BATCH_KEYS}
             acc = self.fns.grads(state.params, frozen, mb) if acc is None else \
