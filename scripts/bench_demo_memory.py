@@ -1,9 +1,10 @@
 """Memory and time of the real demo's heaviest stages, each alone in this process (run it under
 `/usr/bin/time -v` for the kernel's peak RSS too).
 
-    python scripts/bench_demo_memory.py sft --run-dir RUN [--streams N]
+    python scripts/bench_demo_memory.py sft --run-dir RUN [--streams N] [--rows R] [--remat on|off]
         iteration 1's SFT of a real demo run directory (its seeds.jsonl + iter_1/kept.jsonl, the demo's SFT
-        settings, auto_fit as the demo runs it), trained from the model's directory
+        settings, auto_fit as the demo runs it; --rows / --remat: micro-batches of R rows (default 4), remat as
+        given, auto_fit off), trained from the model's directory
     python scripts/bench_demo_memory.py generate
         one iteration-1 question stage (64 prompts), then the RSS after hostmem.release() and after
         jax.clear_caches(), and the same stage again cold and warm
@@ -35,7 +36,7 @@ def gib(n: float) -> float:
     return round(n / 2**30, 2)
 
 
-def sft(model_dir: Path, run_dir: Path, streams: int) -> dict:
+def sft(model_dir: Path, run_dir: Path, streams: int, rows: int, remat: str) -> dict:
     pairs = [(r["question"], r["answer"]) for f in ("seeds.jsonl", "iter_1/kept.jsonl")
              for r in map(json.loads, open(run_dir / f))]
     built: list = []
@@ -54,11 +55,16 @@ def sft(model_dir: Path, run_dir: Path, streams: int) -> dict:
             time.sleep(0.05)
     threading.Thread(target=sample, daemon=True).start()
     tcfg = dataclasses.replace(real.REAL.sft, seed=1, streams=streams)  # isara.sft's seed for seed 0, iteration 1
+    if rows or remat != "auto":
+        rows = rows or train.CPU_MICRO_ROWS
+        tcfg = dataclasses.replace(tcfg, batch_size=rows, grad_accum=tcfg.effective_batch // rows,
+                                   remat=remat == "on", auto_fit=False)
     steps: list[float] = []
     t0 = time.perf_counter()
     train.finetune(model_dir, pairs, out_dir=None, train_cfg=tcfg, template=Template(real.REAL.template),
                    progress=False, on_step=lambda s, m: steps.append(round(m["seconds"], 1)))
-    return {"mode": "sft", "pairs": len(pairs), "streams": streams, "wall_s": round(time.perf_counter() - t0, 1),
+    return {"mode": "sft", "pairs": len(pairs), "streams": streams, "rows": rows or "auto", "remat": remat,
+            "wall_s": round(time.perf_counter() - t0, 1),
             "step_s": steps, "train_peak_rss_gib": gib(top[0]),
             "compiled": [list(map(list, b.traced_shapes)) for b in built]}
 
@@ -91,6 +97,8 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, help="a real demo run directory (sft)")
     ap.add_argument("--model", type=Path, default=None, help="default: the demo's converted SmolLM2 in the cache")
     ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=0, help="sft: rows per micro-batch (auto_fit off)")
+    ap.add_argument("--remat", choices=("auto", "on", "off"), default="auto", help="sft: remat (auto_fit off)")
     a = ap.parse_args()
     model_dir = a.model or real.default_cache_dir() / real.MODEL_NAME
     if not (model_dir / "config.json").is_file():
@@ -98,7 +106,7 @@ def main() -> None:
     if a.mode == "sft":
         if a.run_dir is None or not (a.run_dir / "iter_1" / "kept.jsonl").is_file():
             sys.exit(f"bench_demo_memory: --run-dir {a.run_dir}: no iter_1/kept.jsonl (a real demo run directory)")
-        out = sft(Path(model_dir), a.run_dir, a.streams)
+        out = sft(Path(model_dir), a.run_dir, a.streams, a.rows, a.remat)
     else:
         out = generate(Path(model_dir))
     out["peak_rss_gib"] = gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -7,6 +7,7 @@ activations + loss) next to XLA's memory_analysis (arguments / temporaries) and,
 peak bytes in use after one real step (`device.memory_stats()`).
 
     python scripts/plan_check.py --preset 1b --batch 8 --length 512 --dtype bfloat16 [--remat] [--lora 16]
+    python scripts/plan_check.py --preset smollm2 --batch 4 --length 256 [--remat]   # the real demo's SFT step
     python scripts/plan_check.py --layers 4 --hidden 512 ...       # any shape
     python scripts/plan_check.py --preset 2b --batch 4 --length 2000 --generate 200   # the prefill's working memory
 
@@ -34,6 +35,8 @@ PRESETS = {  # published shapes
            "intermediate": 8192, "tied": True},
     "2b": {"family": "gemma2", "vocab_size": 256000, "hidden": 2304, "n_layers": 26, "n_heads": 8, "n_kv_heads": 4,
            "head_dim": 256, "intermediate": 9216, "tied": True},  # Gemma-2-2B-like
+    "smollm2": {"vocab_size": 49152, "hidden": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64,
+                "intermediate": 1536, "tied": True},  # SmolLM2-135M, the real demos' model
     "tiny": {"vocab_size": 8192, "hidden": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "head_dim": 64,
              "intermediate": 1536},
 }

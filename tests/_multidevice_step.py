@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from selfalign_jax.core import checkpoint as C  # noqa: E402
 from selfalign_jax.core import mesh as MS  # noqa: E402
 from selfalign_jax.core import batching  # noqa: E402
+from selfalign_jax.core import model as M  # noqa: E402
 from selfalign_jax.core import train  # noqa: E402
 
 
@@ -53,9 +54,9 @@ def main(model_dir: str, quick: bool = False) -> None:
         res[name, spec] = jax.tree.map(np.asarray, state.params)
         out["loss"][f"{name} {spec}"] = float(m["loss"])
         if not spec.startswith("single"):
-            leaf = state.params.layers[0].q if name == "full" else state.params[0]["q"]["b"]
+            leaf = state.params.layers.q if name == "full" else state.params[0]["q"]["b"]  # full: stacked [L, ...]
             mu = state.opt_state[1][0].mu
-            mu_leaf = mu.layers[0].q if name == "full" else mu[0]["q"]["b"]
+            mu_leaf = mu.layers.q if name == "full" else mu[0]["q"]["b"]
             out["sharding"][f"{name} {spec}"] = [str(leaf.sharding.spec), str(mu_leaf.sharding.spec)]
 
     def maxdiff(a, b):
@@ -64,7 +65,7 @@ def main(model_dir: str, quick: bool = False) -> None:
     for name, spec, *_ in runs:
         if spec != "single" and (name, "single") in res:
             out["diff"][f"{name} {spec}"] = maxdiff(res[name, spec], res[name, "single"])
-    out["moved"]["full"] = maxdiff(res["full", "single"], host)
+    out["moved"]["full"] = maxdiff(res["full", "single"], M.stack_layers(host))
     out["moved"]["lora"] = max(float(np.abs(d["b"]).max()) for layer in res["lora", "single"] for d in layer.values())
     print(json.dumps(out))
 

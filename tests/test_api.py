@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import hf_fixtures as fx
@@ -119,6 +120,23 @@ def test_run_resumes_on_another_mesh(tiny, tmp_path):
     rundir.RunDir(tmp_path, IsaraConfig(demos=2, sft=dataclasses.replace(cfg.sft, packing=False)), d / "model", seeds)
     with pytest.raises(UserError, match=r"different config \(isara.lm_layers\)"):
         rundir.RunDir(tmp_path, IsaraConfig(demos=2, lm_layers=0.5), d / "model", seeds)
+
+
+def test_sft_source_drops_every_loaded_copy(tiny, tmp_path):
+    """Before an SFT the run drops the base model and the LM embedder's share of it (the trainer reads the
+    directory); the embedder reads its layers of the base model again on its next pass, with the same vectors."""
+    d, _ = tiny
+    seeds = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(8)]
+    rd = rundir.RunDir(tmp_path, IsaraConfig(demos=2, embedder="lm", lm_layers=0.5), d / "model", seeds)
+    texts = ["q 1 w", "a 2 w"]
+    before = rd.embedder.embed(texts)
+    assert rd.embedder.params is not None and "model" in rd.base.__dict__
+    later = rundir.LazyModel(d / "model")
+    later.model  # noqa: B018  (a later iteration's model, loaded for its generation stages)
+    assert rd.sft_source(later) == d / "model"
+    assert rd.embedder.params is None and "model" not in rd.base.__dict__ and "model" not in later.__dict__
+    assert np.array_equal(rd.embedder.embed(texts), before)
+    assert len(rd.embedder.params.layers) == rd.embedder.cfg.n_layers == 1 and "model" not in rd.base.__dict__
 
 
 def test_package_exports_verbs_lazily():

@@ -87,4 +87,4 @@ def test_eight_device_step_equals_single_device(tmp_path):
         assert list(res["diff"]) == ["full fsdp=4,tensor=2"], res["diff"]
         assert res["diff"]["full fsdp=4,tensor=2"] < 1e-5, (name, res["diff"])
         assert res["moved"]["full"] > 1e-4 and res["moved"]["lora"] > 1e-4
-        assert res["sharding"]["full fsdp=4,tensor=2"] == ["P('tensor', 'fsdp')"] * 2
+        assert res["sharding"]["full fsdp=4,tensor=2"] == ["P(None, 'tensor', 'fsdp')"] * 2

@@ -79,6 +79,37 @@ def test_kv_cache_decode_equals_full_forward(family_model, monkeypatch, key_bloc
     assert int(cache.end) == tokens.shape[1]
 
 
+def test_scanned_layers_equal_the_layer_loop(family_model):
+    """Stacked layers (the train step's form: one layer's code under lax.scan, with a traced window and RoPE base
+    where layers differ: mistral, gemma2, gemma3) give the layer loop's loss and gradients, with remat too;
+    unstack_layers inverts stack_layers; a KV cache needs per-layer parameters."""
+    fam, _, _, cfg, params = family_model
+    tokens, valid = fx.left_padded_batch(seed=2)
+    pos = M.positions(valid)
+
+    def loss(p, remat):
+        lg = M.logits(p, cfg, M.apply(p, cfg, tokens, pos, remat=remat)[0])
+        return jnp.where(valid[..., None], jnp.square(lg), 0.0).mean()
+
+    loss_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    ref, g_ref = loss_grad(params, False)
+    stacked = M.stack_layers(params)
+    assert isinstance(stacked.layers, M.Layer) and stacked.layers.q.shape[0] == cfg.n_layers
+    for remat in (False, True):
+        got, g = loss_grad(stacked, remat)
+        assert float(got) == pytest.approx(float(ref), rel=1e-5), (fam, remat)
+        g = M.unstack_layers(g)
+        scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g_ref))
+        err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(g),
+                                                                                     jax.tree.leaves(g_ref)))
+        assert scale > 0 and err <= 1e-4 * scale, (fam, remat, err, scale)
+    back = M.unstack_layers(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+    with pytest.raises(ValueError, match="per-layer"):
+        M.apply(stacked, cfg, tokens, pos, cache=M.init_cache(cfg, tokens.shape[0], 16))
+
+
 def test_export_reloads_in_transformers(family_model, tmp_path):
     import torch
     import transformers

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -132,7 +133,7 @@ def test_packed_step_equals_unpacked_step(tmp_path, family):
     assert m1["tokens"] == m0["tokens"] and m1["inputs"] == m0["inputs"]
     assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5)
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-4)
-    assert _maxdiff(p0, p1) < 3e-5  # summation order; a flipped Adam sign would move a weight by lr = 1e-3
+    assert _maxdiff(p0, p1) < 1e-4  # summation order; a flipped Adam sign would move a weight by 2 lr = 2e-3
 
 
 # ------------------------------------------------------------------------------------ memory fit
@@ -154,6 +155,8 @@ def test_micro_batch_split_gives_the_same_step(base):
         ("16x1", tc), ("4x4", dataclasses.replace(tc, batch_size=4, grad_accum=4)),
         ("auto", dataclasses.replace(tc, auto_fit=True)))}
     assert (runs["auto"][0].micro_rows, runs["auto"][0].tcfg.grad_accum) == (train.CPU_MICRO_ROWS, 16 // 4)
+    # on a CPU: remat, and the backward scan adds the layers' gradient into the running sum (model._scan_into)
+    assert runs["auto"][0].tcfg.remat and runs["auto"][0].fns.into and not runs["4x4"][0].fns.into
     ref = runs["16x1"][1]
     for name in ("4x4", "auto"):
         _, m, p = runs[name]
@@ -172,14 +175,13 @@ def test_fit_memory_splits_to_the_budget_and_keeps_what_is_pinned(base):
     mesh = MS.make_mesh(None)
     tc = train.TrainConfig(batch_size=4, grad_accum=2, max_length=32)
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-    need = {b: P.train_bytes(cfg, P.TrainSettings(batch_size=b, max_length=32,
-                                                                           dtype="float32", grad_accum=8 // b),
-                                         sizes)["total"] for b in (4, 2, 1)}
+    need = {b: P.train_bytes(cfg, P.TrainSettings(batch_size=b, max_length=32, dtype="float32", grad_accum=8 // b,
+                                                  remat=True), sizes)["total"] for b in (4, 2, 1)}  # a CPU: remat on
     assert need[4] > need[2] > need[1]
     budget = (need[2] + need[4]) / 2 / P.HEADROOM / P.GIB  # 2 rows fit, 4 do not
     got, line = train.fit_memory(cfg, dataclasses.replace(tc, memory_gib=budget), mesh)
-    assert (got.batch_size, got.grad_accum, got.remat) == (2, 4, False)
-    assert "micro-batch 2 x 4 (of 4 x 2, effective batch 8)" in line and "--memory-gib" in line
+    assert (got.batch_size, got.grad_accum, got.remat) == (2, 4, True)
+    assert "micro-batch 2 x 4 (of 4 x 2, effective batch 8), remat on" in line and "--memory-gib" in line
     got, line = train.fit_memory(cfg, dataclasses.replace(tc, memory_gib=1e-6), mesh)  # nothing fits
     assert (got.batch_size, got.grad_accum) == (1, 8) and "does not fit" in line
     seq = dataclasses.replace(tc, memory_gib=budget, loss_norm="sequence")  # the split is part of that loss
@@ -202,6 +204,25 @@ def test_command_line_flags_pin_the_split():
 
 
 # ------------------------------------------------------------------------------------------ loss
+
+
+def test_remat_shrinks_the_scanned_steps_temporaries():
+    """The train state holds the layers stacked (the step scans one layer), and remat cuts the compiled step's
+    temporaries (XLA's memory_analysis, no run) to a fraction: the backward recomputes one layer at a time and
+    adds its gradient into the running sum."""
+    cfg = M.Config(family="llama", vocab_size=256, hidden=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                   intermediate=384, max_pos=512)
+    temps = {}
+    for remat in (False, True):
+        tr = train.Trainer(cfg, train.TrainConfig(batch_size=4, grad_accum=2, max_length=256, remat=remat,
+                                                  auto_fit=False), total_steps=1)
+        assert isinstance(tr.fns.train_abstract.layers, M.Layer) and tr.fns.into == remat
+        assert tr.fns.train_abstract.layers.q.shape == (4, 128, 128)
+        mb = {k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "weights" else jnp.int32) for k in train.BATCH_KEYS}
+        acc = (jax.ShapeDtypeStruct((), jnp.float32), tr.fns.train_abstract)
+        temps[remat] = tr.fns.accum.lower(tr.fns.train_abstract, None, mb, acc).compile().memory_analysis() \
+            .temp_size_in_bytes
+    assert temps[True] < 0.4 * temps[False], temps
 
 
 def test_streams_split_the_batch_without_changing_the_step(base):
@@ -345,7 +366,7 @@ def test_cli_finetune(base, full_run, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["finetune", "--model", str(path), "--data", str(data), "--out", str(out), "--lr", "3e-3",
             "--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--max-length", "32", "--warmup-ratio", "0.1",
-            "--checkpoint-every", "0", "--dtype", "float32"]
+            "--checkpoint-every", "0", "--dtype", "float32", "--remat"]  # as the fixture runs on a CPU
     cli.main(args)
     assert "wrote" in capsys.readouterr().out
     cfg, params = C.load(out, dtype="float32")
@@ -374,4 +395,4 @@ def test_eight_device_step_equals_single_device(base):
     assert res["moved"]["full"] > 1e-4 and res["moved"]["lora"] > 1e-4  # the step did something
     losses = list(res["loss"].values())
     assert max(losses) - min(losses) < 1e-5
-    assert res["sharding"]["full fsdp=4,tensor=2"] == ["P('tensor', 'fsdp')"] * 2  # params and Adam moments
+    assert res["sharding"]["full fsdp=4,tensor=2"] == ["P(None, 'tensor', 'fsdp')"] * 2  # params and Adam moments

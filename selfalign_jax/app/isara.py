@@ -51,8 +51,11 @@ def log(msg: str) -> None:
 
 
 def memory_note() -> str:
-    """This process's resident set now and its peak so far (the peak is what /usr/bin/time -v reports)."""
-    return f"RSS {hostmem.rss_bytes() / 2**30:.2f} GiB, peak {hostmem.peak_rss_bytes() / 2**30:.2f} GiB"
+    """This process's resident set now, the part of it that is live JAX arrays, and its peak so far (the peak is
+    what /usr/bin/time -v reports)."""
+    arrays = sum(x.nbytes for x in jax.live_arrays())
+    return (f"RSS {hostmem.rss_bytes() / 2**30:.2f} GiB (arrays {arrays / 2**30:.2f} GiB), "
+            f"peak {hostmem.peak_rss_bytes() / 2**30:.2f} GiB")
 
 
 def generate(model: LoadedModel, prompts: list[str], gen: GenConfig, key, batch_size=None,

@@ -308,17 +308,23 @@ class RunDir:
     def embedder(self):
         c = self.cfg
         if c.embedder == "lm":
-            return embed.LMEmbedder(self.base.model, mesh=make_mesh(c.mesh) if c.mesh else None, layers=c.lm_layers)
+            return embed.LMEmbedder(self.base.model, mesh=make_mesh(c.mesh) if c.mesh else None, layers=c.lm_layers,
+                                    reload=lambda: LoadedModel.load(self.base.path, self.base.dtype))
         if c.embedder == "encoder" and not c.encoder:
             raise UserError("--embedder encoder (the paper preset's default) needs --encoder DIR (a local "
                             "sentence-encoder directory, e.g. all-MiniLM-L6-v2), or choose --embedder lm|hashing")
         return embed.get_embedder(c.embedder, model=c.encoder)
 
-    def sft_source(self, m: LazyModel):
-        """What SFT starts from: the base model as loaded (the embedder holds it anyway, so the trainer copies
-        it), any later model as its directory with the loaded copy dropped (read straight into the train
-        state: one copy of the weights in memory, not two)."""
-        return m.model if m is self.base else m.release()
+    def sft_source(self, m: LazyModel) -> Path:
+        """What SFT starts from: the model's directory, read straight into the train state, with the loaded
+        copies dropped first: `m`'s, the base model's and the LM embedder's share of it (each loads again on its
+        next use; the embedder keeps only its layers of the base model then), so that no model but the one
+        training is in memory."""
+        emb = self.__dict__.get("embedder")  # (built only if the run uses it)
+        if isinstance(emb, embed.LMEmbedder):
+            emb.release()
+        self.base.release()
+        return m.release()
 
     def index(self, j: int, pool: list[dict], embedder):
         """Pool set D_j's index (built once, saved under index/D_j, reloaded memory-mapped)."""

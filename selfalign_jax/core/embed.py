@@ -103,23 +103,36 @@ class LMEmbedder:
 
     name = "lm"
 
-    def __init__(self, model, batch_size: int = 32, max_len: int | None = None, mesh=None, layers: float = 1.0):
+    def __init__(self, model, batch_size: int = 32, max_len: int | None = None, mesh=None, layers: float = 1.0,
+                 reload=None):
         """mesh: a jax Mesh to shard the parameters over (model.ShardingRules; texts replicated);
-        layers: the fraction of the decoder's layers to run."""
+        layers: the fraction of the decoder's layers to run; reload: a function that returns the model again
+        after `release()` (the parameters are dropped only where there is one)."""
+        import jax
+
+        depth = lm_depth(model.cfg.n_layers, layers)
+        self.cfg, self.tok, self.mesh = dataclasses.replace(model.cfg, n_layers=depth), model.tokenizer, mesh
+        self._reload = reload
+        self._take(model)
+        self.batch_size = batch_size
+        self.max_len = min(max_len or 512, self.cfg.max_pos)
+        self.dim = self.cfg.embed_dim or self.cfg.hidden
+        self._fn = jax.jit(_lm_pool, static_argnums=1)
+
+    def _take(self, model) -> None:
         import jax
 
         from selfalign_jax.core import model as M
 
-        depth = lm_depth(model.cfg.n_layers, layers)
-        cfg = dataclasses.replace(model.cfg, n_layers=depth)
-        params = dataclasses.replace(model.params, layers=model.params.layers[:depth])
-        self.cfg, self.params, self.tok, self.mesh = cfg, params, model.tokenizer, mesh
-        if mesh is not None:
-            self.params = jax.device_put(params, M.param_shardings(cfg, mesh))
-        self.batch_size = batch_size
-        self.max_len = min(max_len or 512, cfg.max_pos)
-        self.dim = cfg.embed_dim or cfg.hidden
-        self._fn = jax.jit(_lm_pool, static_argnums=1)
+        params = dataclasses.replace(model.params, layers=model.params.layers[:self.cfg.n_layers])
+        self.params = params if self.mesh is None else jax.device_put(params, M.param_shardings(self.cfg, self.mesh))
+
+    def release(self) -> bool:
+        """Drop the parameters until the next `embed` (which takes them from `reload`); False without a reload."""
+        if self._reload is None:
+            return False
+        self.params = None
+        return True
 
     @classmethod
     def from_dir(cls, model_dir, **kw) -> "LMEmbedder":
@@ -142,6 +155,8 @@ class LMEmbedder:
         from selfalign_jax.core.generate.cache import host
 
         mask_BxT = mask_BxT.astype(np.int32)
+        if self.params is None:
+            self._take(self._reload())
         if self.mesh is not None:  # every process passes the same texts: replicated inputs, gathered output
             ids_BxT, mask_BxT = (MS.put(x, MS.replicated(self.mesh)) for x in (ids_BxT, mask_BxT))
         return host(self._fn(self.params, self.cfg, ids_BxT, mask_BxT))

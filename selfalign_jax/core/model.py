@@ -19,6 +19,7 @@ keys of its own sequence (sequence ids = running count of position-0 tokens alon
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -139,7 +140,7 @@ class Params:
     pos_embed: Any  # [P, D] (opt)
     proj_in: Any  # [D, E] (opt)
     proj_out: Any  # [E, D] (opt)
-    layers: list  # list[Layer]
+    layers: Any  # list[Layer]; or one Layer of [L, ...] arrays (`stack_layers`)
     final_norm: Any
     final_norm_b: Any
     lm_head: Any  # [V, E], None when tied
@@ -195,6 +196,31 @@ def param_specs(cfg: Config) -> Params:
     )
 
 
+def stack_layers(params: Params) -> Params:
+    """The same parameters with the layers as one Layer of [L, ...] arrays, the form `apply` scans over (the
+    train step's); jit it to place the copy."""
+    if isinstance(params.layers, Layer):
+        return params
+    return dataclasses.replace(params, layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers))
+
+
+def unstack_layers(params: Params) -> Params:
+    """Per-layer parameters (a list of Layer, the form the KV cache, loading and export use) from stacked ones."""
+    if not isinstance(params.layers, Layer):
+        return params
+    n = jax.tree.leaves(params.layers)[0].shape[0]
+    return dataclasses.replace(params, layers=[jax.tree.map(lambda a, i=i: a[i], params.layers) for i in range(n)])
+
+
+def stack_specs(specs: Params) -> Params:
+    """The Specs of `stack_layers(params)`: each layer array gains a leading 'layers' axis."""
+    if isinstance(specs.layers, Layer):
+        return specs
+    one = specs.layers[0]
+    return dataclasses.replace(specs, layers=jax.tree.map(
+        lambda s: Spec((len(specs.layers),) + s.shape, ("layers",) + s.axes, s.init), one, is_leaf=is_spec))
+
+
 def is_spec(x) -> bool:
     return isinstance(x, Spec)
 
@@ -230,6 +256,7 @@ class ShardingRules:
     kv_heads: Any = "tensor"
     mlp: Any = "tensor"
     batch: Any = ("data", "fsdp")
+    layers: Any = None  # the leading axis of stacked layers (`stack_layers`)
 
 
 def logical_to_pspec(axes, shape, mesh, rules: ShardingRules) -> jax.sharding.PartitionSpec:
@@ -246,11 +273,12 @@ def logical_to_pspec(axes, shape, mesh, rules: ShardingRules) -> jax.sharding.Pa
     return jax.sharding.PartitionSpec(*out)
 
 
-def param_shardings(cfg: Config, mesh, rules: ShardingRules = ShardingRules()) -> Params:
-    """A NamedSharding for every parameter (same tree as Params)."""
+def param_shardings(cfg: Config, mesh, rules: ShardingRules = ShardingRules(), stacked: bool = False) -> Params:
+    """A NamedSharding for every parameter (same tree as Params; as `stack_layers` makes it when stacked)."""
+    specs = stack_specs(param_specs(cfg)) if stacked else param_specs(cfg)
     return jax.tree.map(
-        lambda s: jax.sharding.NamedSharding(mesh, logical_to_pspec(s.axes, s.shape, mesh, rules)),
-        param_specs(cfg), is_leaf=is_spec)
+        lambda s: jax.sharding.NamedSharding(mesh, logical_to_pspec(s.axes, s.shape, mesh, rules)), specs,
+        is_leaf=is_spec)
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -337,9 +365,9 @@ def inv_freq(cfg: Config, i: int | None = None) -> np.ndarray:
     return f.astype(np.float32)
 
 
-def rope(cfg: Config, x_BxTxNxH, pos_BxT, i: int | None = None):
-    """HF rotate-half RoPE (layer i's frequencies); angles in fp32."""
-    ang_BxTxh = pos_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg, i))
+def rope(x_BxTxNxH, pos_BxT, freqs_h):
+    """HF rotate-half RoPE with inverse frequencies freqs_h [H/2] (`inv_freq`); angles in fp32."""
+    ang_BxTxh = pos_BxT.astype(jnp.float32)[..., None] * jnp.asarray(freqs_h)
     ang = jnp.concatenate([ang_BxTxh, ang_BxTxh], -1)[:, :, None, :]
     cos, sin = jnp.cos(ang), jnp.sin(ang)
     x = x_BxTxNxH.astype(jnp.float32)
@@ -386,12 +414,24 @@ def cache_row_bytes(cfg: Config, size: int, dtype=None, kv_heads: int | None = N
     return 2 * cfg.n_layers * K * cfg.head_dim * size * jnp.dtype(dtype or cfg.dtype).itemsize + 4 * size
 
 
-def _mask(cfg: Config, i: int, qpos, kpos):
+@dataclasses.dataclass(frozen=True)
+class LayerConsts:
+    """What tells one layer from another besides its weights: its sliding window (None: full attention; an
+    int, or a traced int32 inside the layer scan) and its RoPE inverse frequencies [H/2] (None without RoPE)."""
+
+    window: Any
+    freqs: Any
+
+
+def layer_consts(cfg: Config, i: int) -> LayerConsts:
+    return LayerConsts(cfg.window(i), inv_freq(cfg, i) if cfg.rope_theta is not None else None)
+
+
+def _mask(lc: LayerConsts, qpos, kpos):
     """True where a query at qpos may see a key at kpos (broadcasting)."""
     ok = (kpos >= 0) & (kpos <= qpos)
-    w = cfg.window(i)
-    if w is not None:
-        ok &= qpos - kpos < w
+    if lc.window is not None:
+        ok &= qpos - kpos < lc.window
     return ok
 
 
@@ -407,7 +447,7 @@ def _masked_softmax(s, ok, dtype):
 QUERY_BLOCK = 64
 
 
-def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_BxT):
+def _causal_attention(cfg: Config, lc: LayerConsts, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_BxT):
     """Attention of a whole sequence to itself (no cache), in blocks of QUERY_BLOCK queries: block
     [a, e) sees keys [0, e) only (positions rise along the row, so later keys are masked anyway):
     the upper triangle is never computed, and each block's [B, K, G*c, e] scores fit the cache.
@@ -435,7 +475,7 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
                        preferred_element_type=jnp.float32) * cfg.attn_scale
         s = _softcap(s, cfg.attn_softcap)
         qpos = jnp.broadcast_to(ps[j][:, None], (B, G, c)).reshape(B, 1, G * c, 1)
-        ok = _mask(cfg, i, qpos, kpos_BxE[:, None, None, :])
+        ok = _mask(lc, qpos, kpos_BxE[:, None, None, :])
         qseq = jnp.broadcast_to(seqs[j][:, None], (B, G, c)).reshape(B, 1, G * c, 1)
         ok &= qseq == jnp.concatenate(seqs[:j + 1], axis=1)[:, None, None, :]
         p = _masked_softmax(s, ok, q_BxTxNxH.dtype)
@@ -447,7 +487,7 @@ def _causal_attention(cfg: Config, i: int, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, pos_
 KEY_BLOCK = 128
 
 
-def _prefix_attention(cfg: Config, i: int, q_BxKxQxH, k_BxKxHxS, v_BxKxSxH, qpos, kpos_BxS, filled):
+def _prefix_attention(cfg: Config, lc: LayerConsts, q_BxKxQxH, k_BxKxHxS, v_BxKxSxH, qpos, kpos_BxS, filled):
     """A prefill chunk's attention to cache slots [0, filled) only (`filled` is traced), in blocks of
     KEY_BLOCK keys under a lax.fori_loop with a running softmax (max, sum and output rescaled per block):
     the chunk computes no scores against the empty rest of the cache, so a chunked prefill does about half
@@ -466,7 +506,7 @@ def _prefix_attention(cfg: Config, i: int, q_BxKxQxH, k_BxKxHxS, v_BxKxSxH, qpos
         kpos_BxC = jax.lax.dynamic_slice_in_dim(kpos_BxS, start, Cb, axis=1)
         s = jnp.einsum("bkqh,bkhc->bkqc", q, k_BxKxHxC, preferred_element_type=jnp.float32) * cfg.attn_scale
         s = _softcap(s, cfg.attn_softcap)
-        ok = _mask(cfg, i, qpos, kpos_BxC[:, None, None, :]) & (start + jnp.arange(Cb) >= b * Cb)
+        ok = _mask(lc, qpos, kpos_BxC[:, None, None, :]) & (start + jnp.arange(Cb) >= b * Cb)
         s = jnp.where(ok, s, jnp.finfo(jnp.float32).min)
         m_new = jnp.maximum(m_BxKxQ, s.max(-1))
         p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
@@ -480,9 +520,10 @@ def _prefix_attention(cfg: Config, i: int, q_BxKxQxH, k_BxKxHxS, v_BxKxSxH, qpos
     return (acc / jnp.maximum(l_BxKxQ, jnp.finfo(jnp.float32).tiny)[..., None]).astype(q.dtype)
 
 
-def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
-    """Self-attention of layer i. `kv` = (k_BxKxHxS, v_BxKxSxH, pos_BxS, end) to use a cache;
-    returns (out_BxTxD, (k, v)) where (k, v) are the updated cache arrays (or this block's keys)."""
+def attention(cfg: Config, lc: LayerConsts, lp: Layer, x_BxTxD, pos_BxT, kv=None):
+    """Self-attention of one layer (`lc`: its window and RoPE frequencies). `kv` = (k_BxKxHxS, v_BxKxSxH,
+    pos_BxS, end) to use a cache; returns (out_BxTxD, (k, v)) where (k, v) are the updated cache arrays (or this
+    block's keys)."""
     B, T, _ = x_BxTxD.shape
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     G = N // K
@@ -492,9 +533,9 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     if cfg.qk_norm:
         q, k = _norm(cfg, q, lp.q_norm, None), _norm(cfg, k, lp.k_norm, None)
     if cfg.rope_theta is not None:
-        q, k = rope(cfg, q, pos_BxT, i), rope(cfg, k, pos_BxT, i)
+        q, k = rope(q, pos_BxT, lc.freqs), rope(k, pos_BxT, lc.freqs)
     if kv is None:
-        o_BxKxGxTxH = _causal_attention(cfg, i, q, k, v, pos_BxT)
+        o_BxKxGxTxH = _causal_attention(cfg, lc, q, k, v, pos_BxT)
         out = _linear(o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H), lp.o, lp.o_b)
         return out, (k, v)
     ck, cv, kpos_BxS, end = kv
@@ -505,12 +546,12 @@ def attention(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     q_BxKxGTxH = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     qpos = jnp.broadcast_to(pos_BxT[:, None, :], (B, G, T)).reshape(B, 1, G * T, 1)
     if T > 1:
-        o = _prefix_attention(cfg, i, q_BxKxGTxH, k_BxKxHxS, v_BxKxSxH, qpos, kpos_BxS, end + T)
+        o = _prefix_attention(cfg, lc, q_BxKxGTxH, k_BxKxHxS, v_BxKxSxH, qpos, kpos_BxS, end + T)
     else:
         s = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxGTxH, k_BxKxHxS.astype(q.dtype),
                        preferred_element_type=jnp.float32) * cfg.attn_scale
         s = _softcap(s, cfg.attn_softcap)
-        ok = _mask(cfg, i, qpos, kpos_BxS[:, None, None, :])
+        ok = _mask(lc, qpos, kpos_BxS[:, None, None, :])
         p = _masked_softmax(s, ok, q.dtype)
         o = jnp.einsum("bkqs,bksh->bkqh", p, v_BxKxSxH.astype(q.dtype))  # [B, K, G*T, H]
     o_BxTxNH = o.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
@@ -525,11 +566,11 @@ def mlp(cfg: Config, lp: Layer, x_BxTxD):
     return _linear(h_BxTxF, lp.down, lp.down_b)
 
 
-def block(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
+def block(cfg: Config, lc: LayerConsts, lp: Layer, x_BxTxD, pos_BxT, kv=None):
     """One decoder layer (pre-norm, with gemma2/3's extra norms on the attention and MLP outputs when
     cfg.sandwich_norm, or OPT's post-norm when cfg.pre_norm is False)."""
     if cfg.pre_norm:
-        a, kv_out = attention(cfg, i, lp, _norm(cfg, x_BxTxD, lp.attn_norm, lp.attn_norm_b), pos_BxT, kv)
+        a, kv_out = attention(cfg, lc, lp, _norm(cfg, x_BxTxD, lp.attn_norm, lp.attn_norm_b), pos_BxT, kv)
         if cfg.sandwich_norm:
             a = _norm(cfg, a, lp.post_attn_norm, None)
         x = x_BxTxD + a
@@ -537,7 +578,7 @@ def block(cfg: Config, i: int, lp: Layer, x_BxTxD, pos_BxT, kv=None):
         if cfg.sandwich_norm:
             m = _norm(cfg, m, lp.post_mlp_norm, None)
         return x + m, kv_out
-    a, kv_out = attention(cfg, i, lp, x_BxTxD, pos_BxT, kv)
+    a, kv_out = attention(cfg, lc, lp, x_BxTxD, pos_BxT, kv)
     x = _norm(cfg, x_BxTxD + a, lp.attn_norm, lp.attn_norm_b)
     x = _norm(cfg, x + mlp(cfg, lp, x), lp.mlp_norm, lp.mlp_norm_b)
     return x, kv_out
@@ -561,17 +602,93 @@ def embed(params: Params, cfg: Config, tokens_BxT, pos_BxT):
     return x
 
 
+NO_WINDOW = 2**30  # a traced window that masks nothing (full attention inside the layer scan)
+
+
+def _scan_consts(cfg: Config):
+    """(xs, consts): per-layer windows / RoPE frequencies as scan inputs where layers differ (else None), and
+    consts(w, f) -> the LayerConsts of one scan step (a value shared by all layers stays a constant)."""
+    lcs = [layer_consts(cfg, i) for i in range(cfg.n_layers)]
+    freqs = None if lcs[0].freqs is None else np.stack([lc.freqs for lc in lcs])
+    win_L = None if len({lc.window for lc in lcs}) == 1 else jnp.asarray(
+        [NO_WINDOW if lc.window is None else lc.window for lc in lcs], jnp.int32)
+    freqs_L = None if freqs is None or (freqs == freqs[0]).all() else jnp.asarray(freqs)
+    win0, freqs0 = lcs[0].window, lcs[0].freqs
+    return (win_L, freqs_L), lambda w, f: LayerConsts(win0 if w is None else w, freqs0 if f is None else f)
+
+
+def _scan_blocks(cfg: Config, layers: Layer, x_BxTxD, pos_BxT, remat: bool):
+    """The decoder layers of stacked parameters as one lax.scan over L (no cache): XLA compiles one layer's
+    forward and backward instead of L copies, and with remat the backward recomputes one layer at a time from
+    its input, the only activation kept per layer. A window or RoPE base that differs between layers enters
+    the scan as a traced per-layer value; one shared by all stays a constant."""
+    (win_L, freqs_L), consts = _scan_consts(cfg)
+
+    def body(x, xs):
+        lp, w, f = xs
+        return block(cfg, consts(w, f), lp, x, pos_BxT)[0], None
+
+    x_BxTxD, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_BxTxD, (layers, win_L, freqs_L))
+    return x_BxTxD
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan_into(cfg: Config, layers: Layer, into: Layer, x_BxTxD, pos_BxT):
+    """`_scan_blocks` with remat whose gradient for `layers` is `into` + the true gradient, added in the backward
+    scan one layer at a time (`into`: a running gradient sum of the layers' shape, e.g. the trainer's donated
+    accumulator): no separate gradient of all layers exists. The gradient for `into` is zero."""
+    return _scan_blocks(cfg, layers, x_BxTxD, pos_BxT, False)
+
+
+def _scan_into_fwd(cfg, layers, into, x_BxTxD, pos_BxT):
+    (win_L, freqs_L), consts = _scan_consts(cfg)
+
+    def body(x, xs):
+        lp, w, f = xs
+        return block(cfg, consts(w, f), lp, x, pos_BxT)[0], x
+
+    y, xin_LxBxTxD = jax.lax.scan(body, x_BxTxD, (layers, win_L, freqs_L))
+    return y, (layers, into, xin_LxBxTxD, pos_BxT)
+
+
+def _scan_into_bwd(cfg, res, dy_BxTxD):
+    layers, into, xin_LxBxTxD, pos_BxT = res
+    (win_L, freqs_L), consts = _scan_consts(cfg)
+
+    def body(carry, xs):
+        dx, acc = carry
+        lp, w, f, xin, i = xs
+        _, vjp = jax.vjp(lambda lp, x: block(cfg, consts(w, f), lp, x, pos_BxT)[0], lp, xin)
+        dlp, dxin = vjp(dx)
+        acc = jax.tree.map(lambda a, d: jax.lax.dynamic_update_index_in_dim(
+            a, jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False) + d, i, 0), acc, dlp)
+        return (dxin, acc), None
+
+    (dx, acc), _ = jax.lax.scan(body, (dy_BxTxD, into), (layers, win_L, freqs_L, xin_LxBxTxD,
+                                                         jnp.arange(cfg.n_layers)), reverse=True)
+    return acc, jax.tree.map(jnp.zeros_like, into), dx, None
+
+
+_scan_into.defvjp(_scan_into_fwd, _scan_into_bwd)
+
+
 def apply(params: Params, cfg: Config, tokens_BxT, pos_BxT, cache: Cache | None = None,
-          remat: bool = False):
-    """Final (normed, projected) hidden states h_BxTxE, and the updated cache if one was given."""
+          remat: bool = False, grad_into: Layer | None = None):
+    """Final (normed, projected) hidden states h_BxTxE, and the updated cache if one was given.
+    grad_into (stacked layers, remat): a gradient sum the layers' gradient is added into (`_scan_into`)."""
     x = embed(params, cfg, tokens_BxT, pos_BxT)
     if cache is not None:
         kpos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, pos_BxT.astype(jnp.int32), (0, cache.end))
     ks, vs = [], []
-    for i, lp in enumerate(params.layers):
+    if isinstance(params.layers, Layer):  # stacked ([L, ...] arrays): one layer's code under lax.scan
+        if cache is not None:
+            raise ValueError("a KV cache runs per-layer parameters (model.unstack_layers)")
+        x = _scan_blocks(cfg, params.layers, x, pos_BxT, remat) if grad_into is None else \
+            _scan_into(cfg, params.layers, grad_into, x, pos_BxT)
+    for i, lp in enumerate([] if isinstance(params.layers, Layer) else params.layers):
         kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, cache.end)
         f = jax.checkpoint(block, static_argnums=(0, 1)) if remat else block
-        x, (k, v) = f(cfg, i, lp, x, pos_BxT, kv)
+        x, (k, v) = f(cfg, layer_consts(cfg, i), lp, x, pos_BxT, kv)
         ks.append(k)
         vs.append(v)
     if params.final_norm is not None:

@@ -31,8 +31,11 @@ Estimates (documented, not exact; what the jitted step keeps alive, read from tr
     GLU). SCORE_COPIES = 5 such arrays, not just the probabilities, is what XLA:CPU keeps: its
     memory_analysis of the fp32 train step (llama, D=512, 8/4 heads, F=1536, V=8192; 2 and 4 layers)
     gives temporaries of 211 / 334 MiB at 4 x 256 tokens and 851 / 1571 MiB at 8 x 512, against
-    268 / 418 and 824 / 1512 MiB predicted (gradients + activations + loss). XLA:CPU did not shrink
-    its temporaries with remat (measured: 244 vs 266 MiB); on TPU / GPU that is unmeasured.
+    268 / 418 and 824 / 1512 MiB predicted (gradients + activations + loss). The train step runs the layers
+    as one `lax.scan` (`model.stack_layers`); with remat the backward recomputes one layer at a time from its
+    input, so only each block's input (D) is kept per layer, plus one layer's full set while it is
+    recomputed (XLA:CPU's memory_analysis of the real demo's 4 x 256 step on SmolLM2's shape: temporaries
+    3.17 GiB without remat, 0.88 GiB with it, the micro-batch's 0.5 GiB gradient included).
     Head and MLP widths are divided by tensor when they divide; rows by data x fsdp.
     With remat only each block's input (D) is kept per layer, plus one layer's full set while
     it is recomputed;
@@ -56,10 +59,11 @@ compile of the executable takes (HOST_COMPILE, calibrated: compiling the insert 
 0.70 GiB RSS, 0.48 GiB over the runtime; the SFT step's compile leaves 0.75 GiB that malloc_trim returns) and one
 more copy of the parameters in the compute dtype (SFT: the caller's model, kept while the trainer's fp32 masters
 train; generation: the transient [in, out] copy `generate.sampler.prepare` makes on a CPU). Measured on the real
-demo's settings (SmolLM2-135M, fp32; a step alone and the demo's stage logs, on a shared 2-core machine): SFT
-micro-batches of 4 x 256 tokens 5.8 GiB peak RSS alone, 7.1 GiB inside the demo, against 6.22 predicted (16 x 256:
-11.5 GiB alone against 12.14); question / answer stages (32 rows, prompts <= 351 tokens) 3.67 / 4.13 GiB peak (the
-answer stage's includes the LM embedder's pass) against 3.37 / 3.46 predicted.
+demo's settings (SmolLM2-135M, fp32; `scripts/bench_demo_memory.py sft`, its iteration-1 SFT alone on the 2-core
+machine): micro-batches of 4 x 256 tokens 4.15 GiB peak RSS with remat against 4.39 predicted, 6.0 GiB without
+against 6.22; 16 x 256 with remat 4.46 GiB against 4.80; the demo's question / answer stages (32 rows, prompts
+<= 351 tokens) 3.67 / 4.13 GiB peak (the answer stage's includes the LM embedder's pass) against 3.37 / 3.46
+predicted.
 """
 
 from __future__ import annotations

@@ -218,15 +218,18 @@ class StepFns:
         self.compute_cfg = dataclasses.replace(spec.cfg, dtype=spec.compute_dtype)
         self.lora = tcfg.lora_rank > 0
         self.scale = tcfg.lora_alpha / tcfg.lora_rank if self.lora else 1.0
+        # a full fp32 fine-tune with remat and one stream adds the layers' gradient into the running sum inside the
+        # backward scan (no second gradient-sized buffer)
+        self.into = not self.lora and tcfg.remat and spec.streams == 1 and spec.compute_dtype == "float32"
         self.optimizer = make_optimizer(tcfg)
         self.param_sh = M.param_shardings(self.cfg, mesh, rules)
         if self.lora:
             self.train_sh = lora.lora_shardings(self.cfg, mesh, tcfg.lora_rank, tcfg.lora_targets, rules)
             specs = lora.lora_specs(self.cfg, tcfg.lora_rank, tcfg.lora_targets)
             self.frozen_sh = self.param_sh
-        else:
-            specs = M.param_specs(self.cfg)
-            self.train_sh, self.frozen_sh = self.param_sh, None
+        else:  # full fine-tune: the masters (and moments) hold the layers stacked, which the model scans over
+            specs = M.stack_specs(M.param_specs(self.cfg))
+            self.train_sh, self.frozen_sh = M.param_shardings(self.cfg, mesh, rules, stacked=True), None
         self.train_abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), specs,
                                            is_leaf=M.is_spec)
         self.opt_sh = _opt_shardings(self.optimizer, self.train_abstract, self.train_sh, mesh)
@@ -244,7 +247,8 @@ class StepFns:
         self.update = jax.jit(self._update, in_shardings=(self.state_sh, acc_sh, self.rep, self.sched_sh),
                               out_shardings=(self.state_sh, self.rep), donate_argnums=0)
         self.opt_init = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)
-        self.to_master = jax.jit(lambda p: _cast(p, jnp.float32), out_shardings=self.train_sh)
+        self.to_master = jax.jit(lambda p: M.stack_layers(_cast(p, jnp.float32)), out_shardings=self.train_sh)
+        self.unstack = jax.jit(M.unstack_layers, out_shardings=self.param_sh)
         self.to_frozen = jax.jit(lambda p: _cast(p, self.compute_cfg.jdtype), out_shardings=self.frozen_sh)
         self.init_lora = jax.jit(lambda k: lora.init_lora(self.cfg, k, tcfg.lora_rank, tcfg.lora_targets),
                                  out_shardings=self.train_sh) if self.lora else None
@@ -253,16 +257,17 @@ class StepFns:
         self.traced_shapes: list[tuple] = []  # (function, micro-batch shape) traced (tests count compiles)
 
     def model_params(self, trainable, frozen) -> M.Params:
-        """The parameters the model runs with (compute dtype): merged under LoRA."""
+        """The parameters the model runs with (compute dtype, layers stacked): merged under LoRA."""
         if self.lora:
-            return lora.merge(frozen, trainable, self.scale, dtype=self.compute_cfg.jdtype)
+            return M.stack_layers(lora.merge(frozen, trainable, self.scale, dtype=self.compute_cfg.jdtype))
         return _cast(trainable, self.compute_cfg.jdtype)
 
-    def loss(self, trainable, frozen, mb):
+    def loss(self, trainable, frozen, mb, grad_into=None):
         """(nll sum, weight sum) of one micro-batch (the model in `streams` row slices)."""
         t = self.spec.tcfg
         return token_nll(self.model_params(trainable, frozen), self.compute_cfg, mb, t.remat,
-                         fused=t.loss_chunk > 0, chunk_tokens=t.loss_chunk, streams=self.spec.streams)
+                         fused=t.loss_chunk > 0, chunk_tokens=t.loss_chunk, streams=self.spec.streams,
+                         grad_into=grad_into)
 
     def _grads(self, trainable, frozen, mb):
         """(nll sum, d nll sum / d trainable) of one micro-batch [b, T]."""
@@ -271,11 +276,16 @@ class StepFns:
         return l, g
 
     def _accum(self, trainable, frozen, mb, acc):
-        """acc + this micro-batch's (nll sum, gradient); acc is donated, so the sum is written in place."""
+        """acc + this micro-batch's (nll sum, gradient); acc is donated, so the sum is written in place. With
+        `into` the backward scan adds each layer's gradient into the sum itself (`model.apply` grad_into)."""
         self.traced_shapes.append(("accum", tuple(mb["tokens"].shape)))
-        (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb)
         lacc, gacc = acc
-        return lacc + l, jax.tree.map(jnp.add, gacc, g)
+        if not self.into:
+            (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb)
+            return lacc + l, jax.tree.map(jnp.add, gacc, g)
+        (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb, gacc.layers)
+        rest = jax.tree.map(jnp.add, dataclasses.replace(gacc, layers=None), dataclasses.replace(g, layers=None))
+        return lacc + l, dataclasses.replace(rest, layers=g.layers)
 
     def _update(self, state: TrainState, acc, counts, sched):
         """The optimizer step from the summed (nll, gradient) of a step's micro-batches. counts: [weight sum
@@ -325,7 +335,7 @@ class Trainer:
     # ---- state
     def init_state(self, params: M.Params, key=None, owned: bool = False) -> tuple[TrainState, M.Params | None]:
         """Train state from base params (placed on the mesh; fp32 masters, or the frozen base in the
-        compute dtype under LoRA). owned: the caller gives `params` away, so fp32 arrays already on
+        compute dtype under LoRA). owned: the caller gives `params` away, so fp32 arrays already stacked on
         the right shardings become the (donated) state without a copy."""
         if self.lora:
             frozen = self.freeze(params, owned)
@@ -333,8 +343,9 @@ class Trainer:
             trainable = self.fns.init_lora(key)
         else:
             frozen = None
-            placed = all(isinstance(x, jax.Array) and x.dtype == jnp.float32 and x.sharding == sh
-                         for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(self.train_sh)))
+            placed = isinstance(params.layers, M.Layer) and all(
+                isinstance(x, jax.Array) and x.dtype == jnp.float32 and x.sharding == sh
+                for x, sh in zip(jax.tree.leaves(params), jax.tree.leaves(self.train_sh)))
             trainable = params if owned and placed else self.fns.to_master(params)
         opt_state = self.fns.opt_init(trainable)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.rep)
@@ -385,8 +396,9 @@ class Trainer:
         return self.fns.update(state, acc, counts, self.sched)
 
     def merged(self, state: TrainState, frozen) -> M.Params:
-        """Full parameters for export: fp32 masters, or base + scale * B @ A (fp32) under LoRA."""
-        return self.fns.merge(frozen, state.params) if self.lora else state.params
+        """Full per-layer parameters for export: the fp32 masters (a copy, unstacked), or base + scale * B @ A
+        (fp32) under LoRA."""
+        return self.fns.merge(frozen, state.params) if self.lora else self.fns.unstack(state.params)
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -465,7 +477,7 @@ def _read_meta(mngr, step: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ memory fit
-CPU_MICRO_ROWS = 4  # on a CPU, micro-batches of more rows are no faster (one row per stream; module fit_memory)
+CPU_MICRO_ROWS = 4  # on a CPU, micro-batches of more rows are no faster and take more memory (fit_memory)
 
 
 def memory_at_hand(device) -> tuple[int, str] | None:
@@ -490,11 +502,11 @@ def fit_memory(cfg: M.Config, tcfg: TrainConfig, mesh: Mesh) -> tuple[TrainConfi
     """auto_fit: the settings a step runs with and one line saying why (None when auto_fit is off). The planner
     (core/plan.py fit_train) takes the largest micro-batch, a divisor of batch_size, that fits HEADROOM of the
     budget (memory_gib, else the memory at hand) with grad_accum raised so the effective batch stays, and remat
-    only where no micro-batch fits without it (not on a CPU: XLA:CPU keeps the same temporaries with remat, module
-    doc of core/plan.py). On a CPU micro-batches hold at most CPU_MICRO_ROWS rows: XLA:CPU's
-    step time does not grow with fewer rows there (SmolLM2-135M, 16 rows x 256 tokens a step on 2 cores: 46 s as
-    16 x 1, 45 s as 4 x 4, at 11.5 vs 6.5 GiB peak RSS), so the smaller step costs no time. With loss_norm
-    "sequence" the split is part of the loss: only remat may change."""
+    only where no micro-batch fits without it. On a CPU remat is always on and micro-batches hold at most
+    CPU_MICRO_ROWS rows: the layers run as one scanned layer, so the backward recomputes one layer at a time, and
+    on XLA:CPU that costs little time (SmolLM2-135M, the real demo's SFT, 4 x 256 micro-batches on 2 cores: 230 s
+    and 4.15 GiB peak RSS with remat, 220 s and 6.0 GiB without; 16-row micro-batches with remat: 246 s, 4.46 GiB;
+    docs/benchmarks.md). With loss_norm "sequence" the split is part of the loss: only remat may change."""
     if not tcfg.auto_fit:
         return tcfg, None
     dev = mesh.devices.flat[0]
@@ -503,12 +515,12 @@ def fit_memory(cfg: M.Config, tcfg: TrainConfig, mesh: Mesh) -> tuple[TrainConfi
     cpu = dev.platform == "cpu"
     ts = planlib.TrainSettings(batch_size=tcfg.batch_size, max_length=tcfg.max_length,
                                dtype=meshlib.compute_dtype(tcfg.dtype), lora_rank=tcfg.lora_rank,
-                               lora_targets=tuple(tcfg.lora_targets), remat=tcfg.remat, grad_accum=tcfg.grad_accum,
-                               loss_chunk=tcfg.loss_chunk)
+                               lora_targets=tuple(tcfg.lora_targets), remat=tcfg.remat or cpu,
+                               grad_accum=tcfg.grad_accum, loss_chunk=tcfg.loss_chunk)
     sizes = {k: int(v) for k, v in mesh.shape.items()}
     budget = int(planlib.HEADROOM * at_hand[0]) if at_hand else 1 << 62
     got = planlib.fit_train(cfg, ts, sizes, budget, split=tcfg.loss_norm == "token",
-                            max_rows=CPU_MICRO_ROWS if cpu else None, remat=not cpu)
+                            max_rows=CPU_MICRO_ROWS if cpu else None)
     out = dataclasses.replace(tcfg, batch_size=got.batch_size, grad_accum=got.grad_accum, remat=got.remat)
     need = planlib.train_bytes(cfg, got, sizes)["total"]
     why = [f"plan {need / planlib.GIB:.2f} GiB per device"

@@ -39,8 +39,8 @@ N_SEEDS = 64
 # Settings (docs/real-demo-truthful.md says why): the safety demo's sampling and SFT schedule (chat
 # template, N = 64, K = 4, middle-layer retrieval, answers at T 0.7 / top-k 50, lr 5e-5 halved per
 # iteration, 2 epochs, effective batch 64), shorter generations (TruthfulQA answers are one sentence), and
-# the SFT micro-batch 4 x 16, fixed (auto_fit off; the split the trainer takes on a CPU anyway), no remat (on a
-# CPU remat costs 3x the step time and saves no memory: docs/benchmarks.md).
+# the SFT micro-batch 4 x 16 without remat, fixed (auto_fit off: the split its figures are measured with; on a
+# CPU auto_fit takes 4 x 16 with remat, about 5% slower and 1.9 GiB less at the peak: docs/benchmarks.md).
 TRUTHFUL = dataclasses.replace(
     REAL, question_gen=dataclasses.replace(REAL.question_gen, max_new_tokens=40),
     answer_gen=dataclasses.replace(REAL.answer_gen, max_new_tokens=48), eval_max_new_tokens=48,
