@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import numbers
@@ -28,7 +29,7 @@ import types
 import typing
 from pathlib import Path
 
-from selfalign_jax.core import checkpoint, embed, fileio
+from selfalign_jax.core import checkpoint, embed, fileio, hostmem
 from selfalign_jax.app import isara, report, retrieval, runlock
 from selfalign_jax.app.config import IsaraConfig
 from selfalign_jax.core.settings import GenConfig, RESULT_NEUTRAL, SettingError, TrainConfig
@@ -306,10 +307,10 @@ class RunDir:
     # ------------------------------------------------------------------------- models, indexes
     @functools.cached_property
     def embedder(self):
-        c = self.cfg
-        if c.embedder == "lm":
-            return embed.LMEmbedder(self.base.model, mesh=make_mesh(c.mesh) if c.mesh else None, layers=c.lm_layers,
-                                    reload=lambda: LoadedModel.load(self.base.path, self.base.dtype))
+        c, base = self.cfg, self.base
+        if c.embedder == "lm":  # (the reload holds the base's path, not this RunDir: no reference cycle)
+            return embed.LMEmbedder(base.model, mesh=make_mesh(c.mesh) if c.mesh else None, layers=c.lm_layers,
+                                    reload=lambda: LoadedModel.load(base.path, base.dtype))
         if c.embedder == "encoder" and not c.encoder:
             raise UserError("--embedder encoder (the paper preset's default) needs --encoder DIR (a local "
                             "sentence-encoder directory, e.g. all-MiniLM-L6-v2), or choose --embedder lm|hashing")
@@ -524,6 +525,8 @@ def run_and_baselines(model_dir, seeds, run_dir, cfg, eval_set, scorer, baseline
     """ISARA (`run`), then each baseline kind of `baselines` (`baseline`), in one run directory; the metrics rows."""
     rows = run(model_dir, seeds, run_dir, cfg, eval_set, scorer, force=force, argv_note=note)
     for kind in baselines:
+        gc.collect()  # what the previous part held (its models, its embedder) is gone before the next one loads
+        hostmem.release()
         log(f"baseline: {kind}")
         rows = baseline(kind, model_dir, seeds, run_dir, cfg, eval_set, scorer, note=note)
     return rows
