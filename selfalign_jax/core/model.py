@@ -3,7 +3,9 @@ checkpoints.
 
 Parameters are a pytree of registered dataclasses holding the HF tensors as they are stored
 (`[out, in]` linear weights, one `Layer` per decoder layer), so loading and exporting move no data.
-Every array has a `Spec` (shape, logical axes) so that `shardings()` can place it on a mesh.
+Every array has a `Spec` (shape, logical axes) so that `shardings()` can place it on a mesh. The train step
+holds the layers stacked instead (`stack_layers`: one `Layer` of [L, ...] arrays), which `apply` runs as one
+`lax.scan`; the KV-cache path (sampling) runs the per-layer list.
 
 Dimension letters: B batch, T query length, S key length (cache slots), D hidden, E embedding
 (OPT's word_embed_proj_dim, else D), V vocab, N query heads, K kv heads, G = N / K, H head dim,
