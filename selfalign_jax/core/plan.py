@@ -17,8 +17,9 @@ Exact figures (checked against materialised arrays in tests/test_plan.py):
     data x fsdp and the kv heads over tensor when they divide.
 
 Estimates (documented, not exact; what the jitted step keeps alive, read from train.py / model.py):
-  * gradients: one fp32 copy of the trainable arrays, two with gradient accumulation (the scan's
-    accumulator and the micro-batch's gradient);
+  * gradients: one fp32 copy of the trainable arrays, two with gradient accumulation (the running sum
+    and the micro-batch's gradient), less the layers' share of the second where the backward scan adds
+    each layer's gradient into the sum itself (full fp32 fine-tune with remat, `model._scan_into`);
   * compute copy: with a bf16 compute dtype and full fine-tuning, the bf16 cast of the fp32
     masters; under FSDP one layer gathered whole (x2 for the prefetch of the next);
   * LoRA merge: the merged weights W + s*B@A of every adapted projection, in the compute dtype, for
@@ -59,9 +60,9 @@ compile of the executable takes (HOST_COMPILE, calibrated: compiling the insert 
 0.70 GiB RSS, 0.48 GiB over the runtime; the SFT step's compile leaves 0.75 GiB that malloc_trim returns) and one
 more copy of the parameters in the compute dtype (SFT: the caller's model, kept while the trainer's fp32 masters
 train; generation: the transient [in, out] copy `generate.sampler.prepare` makes on a CPU). Measured on the real
-demo's settings (SmolLM2-135M, fp32; `scripts/bench_demo_memory.py sft`, its iteration-1 SFT alone on the 2-core
-machine): micro-batches of 4 x 256 tokens 4.15 GiB peak RSS with remat against 4.39 predicted, 6.0 GiB without
-against 6.22; 16 x 256 with remat 4.46 GiB against 4.80; the demo's question / answer stages (32 rows, prompts
+demo's settings (SmolLM2-135M, fp32; `scripts/bench_demo_memory.py sft` with huge pages, its iteration-1 SFT alone
+on the 2-core machine): micro-batches of 4 x 256 tokens 3.70 GiB peak RSS with remat against 3.99 predicted, 5.99 GiB
+without against 6.22; the demo's question / answer stages (32 rows, prompts
 <= 351 tokens) 3.67 / 4.13 GiB peak (the answer stage's includes the LM embedder's pass) against 3.37 / 3.46
 predicted.
 """
@@ -222,6 +223,8 @@ def train_bytes(cfg: M.Config, ts: TrainSettings, mesh: dict | None = None) -> d
             work += 2 * one
     out["optimizer"] = 2 * trainable + OPT_SCALARS
     out["gradients"] = trainable * (2 if ts.grad_accum > 1 else 1)
+    if ts.grad_accum > 1 and ts.remat and ts.lora_rank == 0 and _isz(cdt) == 4:  # the backward scan adds the layers'
+        out["gradients"] -= spec_bytes(specs.layers, "float32", m)              # gradient into the sum (_scan_into)
     out["work"] = work  # compute copy / gathered layers / LoRA-merged weights
     per_tok = _act_per_token_layer(cfg, T, cdt, m["tensor"])
     full = cfg.n_layers * rows * T * per_tok
