@@ -12,19 +12,20 @@ from selfalign_jax.core import model as M
 
 
 def token_nll(params: M.Params, cfg: M.Config, batch: dict, remat: bool = False, fused: bool = True,
-              chunk_tokens: int = 512, streams: int = 1, grad_into=None):
+              chunk_tokens: int = 512, streams: int = 1, grad_into=None, unroll: bool = False):
     """(sum over weighted positions of -log p(target), sum of weights) for one [b, T] batch.
     fused: the fused LM-head + cross-entropy (`fused_xent`, no [b, T, V] logits kept); else the
     plain `model.logits` + logsumexp (reference). streams: the model runs on that many independent
     row slices (the same sums; on CPU their ops overlap across cores, filling the idle time of one
     chain); the loss then runs once on all rows (its matmuls are large enough to use every core).
-    grad_into (one stream, stacked layers): a gradient sum the layers' gradient is added into (`model.apply`)."""
+    grad_into (one stream, stacked layers): a gradient sum the layers' gradient is added into; unroll: the layer
+    scan unrolled (`model.apply`)."""
     b = batch["tokens"].shape[0]
     if grad_into is not None and streams != 1:
         raise ValueError("grad_into runs one stream")
     rows = [slice(i * b // streams, (i + 1) * b // streams) for i in range(streams)]
-    hs = [M.apply(params, cfg, batch["tokens"][r], batch["pos"][r], remat=remat, grad_into=grad_into)[0]
-          for r in rows]
+    hs = [M.apply(params, cfg, batch["tokens"][r], batch["pos"][r], remat=remat, grad_into=grad_into,
+                  unroll=unroll)[0] for r in rows]
     h = hs[0] if streams == 1 else jnp.concatenate(hs, axis=0)
     w = batch["weights"]
     if fused:

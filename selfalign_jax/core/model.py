@@ -619,41 +619,43 @@ def _scan_consts(cfg: Config):
     return (win_L, freqs_L), lambda w, f: LayerConsts(win0 if w is None else w, freqs0 if f is None else f)
 
 
-def _scan_blocks(cfg: Config, layers: Layer, x_BxTxD, pos_BxT, remat: bool):
+def _scan_blocks(cfg: Config, layers: Layer, x_BxTxD, pos_BxT, remat: bool, unroll: bool = False):
     """The decoder layers of stacked parameters as one lax.scan over L (no cache): XLA compiles one layer's
     forward and backward instead of L copies, and with remat the backward recomputes one layer at a time from
     its input, the only activation kept per layer. A window or RoPE base that differs between layers enters
-    the scan as a traced per-layer value; one shared by all stays a constant."""
+    the scan as a traced per-layer value; one shared by all stays a constant. unroll: the scan fully unrolled
+    (XLA:CPU with several devices: its collectives inside a loop body can deadlock)."""
     (win_L, freqs_L), consts = _scan_consts(cfg)
 
     def body(x, xs):
         lp, w, f = xs
         return block(cfg, consts(w, f), lp, x, pos_BxT)[0], None
 
-    x_BxTxD, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_BxTxD, (layers, win_L, freqs_L))
+    x_BxTxD, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x_BxTxD, (layers, win_L, freqs_L),
+                              unroll=unroll)
     return x_BxTxD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan_into(cfg: Config, layers: Layer, into: Layer, x_BxTxD, pos_BxT):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_into(cfg: Config, unroll: bool, layers: Layer, into: Layer, x_BxTxD, pos_BxT):
     """`_scan_blocks` with remat whose gradient for `layers` is `into` + the true gradient, added in the backward
     scan one layer at a time (`into`: a running gradient sum of the layers' shape, e.g. the trainer's donated
     accumulator): no separate gradient of all layers exists. The gradient for `into` is zero."""
-    return _scan_blocks(cfg, layers, x_BxTxD, pos_BxT, False)
+    return _scan_blocks(cfg, layers, x_BxTxD, pos_BxT, False, unroll)
 
 
-def _scan_into_fwd(cfg, layers, into, x_BxTxD, pos_BxT):
+def _scan_into_fwd(cfg, unroll, layers, into, x_BxTxD, pos_BxT):
     (win_L, freqs_L), consts = _scan_consts(cfg)
 
     def body(x, xs):
         lp, w, f = xs
         return block(cfg, consts(w, f), lp, x, pos_BxT)[0], x
 
-    y, xin_LxBxTxD = jax.lax.scan(body, x_BxTxD, (layers, win_L, freqs_L))
+    y, xin_LxBxTxD = jax.lax.scan(body, x_BxTxD, (layers, win_L, freqs_L), unroll=unroll)
     return y, (layers, into, xin_LxBxTxD, pos_BxT)
 
 
-def _scan_into_bwd(cfg, res, dy_BxTxD):
+def _scan_into_bwd(cfg, unroll, res, dy_BxTxD):
     layers, into, xin_LxBxTxD, pos_BxT = res
     (win_L, freqs_L), consts = _scan_consts(cfg)
 
@@ -667,7 +669,7 @@ def _scan_into_bwd(cfg, res, dy_BxTxD):
         return (dxin, acc), None
 
     (dx, acc), _ = jax.lax.scan(body, (dy_BxTxD, into), (layers, win_L, freqs_L, xin_LxBxTxD,
-                                                         jnp.arange(cfg.n_layers)), reverse=True)
+                                                         jnp.arange(cfg.n_layers)), reverse=True, unroll=unroll)
     return acc, jax.tree.map(jnp.zeros_like, into), dx, None
 
 
@@ -675,9 +677,10 @@ _scan_into.defvjp(_scan_into_fwd, _scan_into_bwd)
 
 
 def apply(params: Params, cfg: Config, tokens_BxT, pos_BxT, cache: Cache | None = None,
-          remat: bool = False, grad_into: Layer | None = None):
+          remat: bool = False, grad_into: Layer | None = None, unroll: bool = False):
     """Final (normed, projected) hidden states h_BxTxE, and the updated cache if one was given.
-    grad_into (stacked layers, remat): a gradient sum the layers' gradient is added into (`_scan_into`)."""
+    grad_into (stacked layers, remat): a gradient sum the layers' gradient is added into (`_scan_into`);
+    unroll: the layer scan of stacked layers fully unrolled (`_scan_blocks`)."""
     x = embed(params, cfg, tokens_BxT, pos_BxT)
     if cache is not None:
         kpos_BxS = jax.lax.dynamic_update_slice(cache.pos_BxS, pos_BxT.astype(jnp.int32), (0, cache.end))
@@ -685,8 +688,8 @@ def apply(params: Params, cfg: Config, tokens_BxT, pos_BxT, cache: Cache | None 
     if isinstance(params.layers, Layer):  # stacked ([L, ...] arrays): one layer's code under lax.scan
         if cache is not None:
             raise ValueError("a KV cache runs per-layer parameters (model.unstack_layers)")
-        x = _scan_blocks(cfg, params.layers, x, pos_BxT, remat) if grad_into is None else \
-            _scan_into(cfg, params.layers, grad_into, x, pos_BxT)
+        x = _scan_blocks(cfg, params.layers, x, pos_BxT, remat, unroll) if grad_into is None else \
+            _scan_into(cfg, unroll, params.layers, grad_into, x, pos_BxT)
     for i, lp in enumerate([] if isinstance(params.layers, Layer) else params.layers):
         kv = None if cache is None else (cache.k[i], cache.v[i], kpos_BxS, cache.end)
         f = jax.checkpoint(block, static_argnums=(0, 1)) if remat else block

@@ -221,6 +221,9 @@ class StepFns:
         # a full fp32 fine-tune with remat and one stream adds the layers' gradient into the running sum inside the
         # backward scan (no second gradient-sized buffer)
         self.into = not self.lora and tcfg.remat and spec.streams == 1 and spec.compute_dtype == "float32"
+        # XLA:CPU with several devices: collectives inside the layer loop's body can deadlock (its devices' threads
+        # reach them in different orders), so the layer scan runs unrolled there
+        self.unroll = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
         self.optimizer = make_optimizer(tcfg)
         self.param_sh = M.param_shardings(self.cfg, mesh, rules)
         if self.lora:
@@ -267,7 +270,7 @@ class StepFns:
         t = self.spec.tcfg
         return token_nll(self.model_params(trainable, frozen), self.compute_cfg, mb, t.remat,
                          fused=t.loss_chunk > 0, chunk_tokens=t.loss_chunk, streams=self.spec.streams,
-                         grad_into=grad_into)
+                         grad_into=grad_into, unroll=self.unroll)
 
     def _grads(self, trainable, frozen, mb):
         """(nll sum, d nll sum / d trainable) of one micro-batch [b, T]."""
