@@ -7,6 +7,7 @@ import pytest
 import hf_fixtures as fx
 from selfalign_jax.core import checkpoint
 from selfalign_jax.core.generate import cache as gen_cache, continuous, prompts as gen_prompts, steps
+from selfalign_jax.core.generate import sizing as gen_sizing
 from gen_call import generate as gen
 
 WORDS = fx.WORDS[4:]
@@ -60,6 +61,24 @@ def test_sampled_independent_of_slots_and_stop_strings(llama):
     ct = gen(params, cfg, tok, prompts, batch_size=2, continuous=True, **kw)
     assert [(r.text, r.token_ids, r.finish_reason) for r in ct] == [(r.text, r.token_ids, r.finish_reason) for r in st]
     assert any(r.finish_reason == "stop" for r in ct)
+
+
+def test_insertions_take_at_most_a_quarter_of_the_batch(llama, monkeypatch):
+    """The first fill of 8 slots runs as insertions of insert_rows(8) = 2 prompts (each prompt's cache and prefill
+    2 rows, not 8), and the output is static batching's."""
+    cfg, params, tok = llama
+    prompts, lim = _prompts(11, 4), _limits(11, 4)
+    rows = []
+    real = continuous.insert
+
+    def spy(params, st, tokens_RxP, *a, **k):
+        rows.append(tokens_RxP.shape[0])
+        return real(params, st, tokens_RxP, *a, **k)
+    monkeypatch.setattr(continuous, "insert", spy)
+    cont = gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8, continuous=True)
+    static = gen(params, cfg, tok, prompts, max_new_tokens=lim, stop=(), batch_size=8)
+    assert gen_sizing.insert_rows(8, 1) == 2 and max(rows) == 2 and len(rows) >= 5
+    assert [r.token_ids for r in cont] == [r.token_ids for r in static]
 
 
 def test_inserting_prompts_does_not_recompile(llama):

@@ -1,4 +1,4 @@
-"""hostmem: the glibc huge-page tunable the `selfalign` command re-executes itself with."""
+"""hostmem: the glibc malloc tunables the `selfalign` command re-executes itself with."""
 
 import os
 import subprocess
@@ -9,12 +9,14 @@ import pytest
 from selfalign_jax.core import hostmem
 
 
-def test_env_adds_the_tunable_once_and_keeps_others():
-    e = hostmem.env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
-    assert e["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + hostmem.TUNABLE and e["X"] == "1"
+def test_env_adds_the_tunables_once_and_keeps_the_users():
+    e = hostmem.env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.cpu.x86_shstk=on", "X": "1"})
+    assert e["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=4:glibc.cpu.x86_shstk=on:glibc.malloc.hugetlb=1:"
+                                   "glibc.malloc.mmap_threshold=4194304") and e["X"] == "1"
     assert hostmem.env(e)["GLIBC_TUNABLES"] == e["GLIBC_TUNABLES"]
-    assert hostmem.env({})["GLIBC_TUNABLES"] == hostmem.TUNABLE
-    assert hostmem.active(e) and not hostmem.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert hostmem.env({})["GLIBC_TUNABLES"] == hostmem.TUNABLE == (
+        "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=4194304")
+    assert hostmem.active(e) and not hostmem.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
 
 
 def test_opt_out_and_accelerators_turn_it_off():

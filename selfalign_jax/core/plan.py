@@ -49,9 +49,10 @@ Estimates (documented, not exact; what the jitted step keeps alive, read from tr
     fp32 scores of one key block and MLP activations of one chunk of prompt tokens, or the decode
     step's fp32 logits (10 x V x 4), whichever is larger.
   * continuous batching's insertion (`generate/steps.insert`): the new rows' prompts are prefilled into a
-    cache of their own (rows x Tp slots) before they are placed into the batch's; the first insertion fills
-    every row, so that cache is counted for the whole batch (XLA:CPU's memory_analysis of insert on SmolLM2's
-    shape, 32 rows, Tp 384: 0.80 GiB of temporaries beside the 0.70 GiB cache, against 0.53 + 0.48 predicted).
+    cache of their own (rows x Tp slots) before they are placed into the batch's; an insertion takes at most
+    `sizing.insert_rows` prompts (a quarter of the batch), and that many rows' cache is counted (XLA:CPU's
+    memory_analysis of insert on SmolLM2's shape, 32 rows, Tp 384: 0.80 GiB of temporaries beside the 0.70
+    GiB cache, against 0.53 + 0.48 predicted).
 A run fits when the total is under `HEADROOM` x hbm (XLA's scratch, fragmentation, the runtime).
 
 On a CPU the device memory is the process's: `host_rss` adds what the process holds besides the step, the
@@ -60,11 +61,10 @@ compile of the executable takes (HOST_COMPILE, calibrated: compiling the insert 
 0.70 GiB RSS, 0.48 GiB over the runtime; the SFT step's compile leaves 0.75 GiB that malloc_trim returns) and one
 more copy of the parameters in the compute dtype (SFT: the caller's model, kept while the trainer's fp32 masters
 train; generation: the transient [in, out] copy `generate.sampler.prepare` makes on a CPU). Measured on the real
-demo's settings (SmolLM2-135M, fp32; `scripts/bench_demo_memory.py sft` with huge pages, its iteration-1 SFT alone
-on the 2-core machine): micro-batches of 4 x 256 tokens 3.70 GiB peak RSS with remat against 3.99 predicted, 5.99 GiB
-without against 6.22; the demo's question / answer stages (32 rows, prompts
-<= 351 tokens) 3.67 / 4.13 GiB peak (the answer stage's includes the LM embedder's pass) against 3.37 / 3.46
-predicted.
+demo's settings (SmolLM2-135M, fp32, micro-batches of 4 x 256 tokens with remat, the `selfalign` command's malloc
+tunables, core/hostmem.py; its iteration-1 SFT alone with the export, on the 2-core machine): 3.53 GiB peak RSS
+(at the export) against 3.99 predicted; the demo's iteration-1 question / answer stages (32 rows, prompts <= 351
+tokens) 2.94 / 3.42 GiB peak (the answer stage's includes the LM embedder's pass) against 2.98 / 3.06 predicted.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def gen_bytes(cfg: M.Config, gs: GenSettings, mesh: dict | None = None) -> dict[
            "kv_per_sequence": kv_bytes_per_seq(cfg, S, gs.dtype, t),
            "kv_cache": kv_bytes(cfg, gs.batch_size, S, gs.dtype, m),
            "work": rows * sizing.work_bytes(cfg, Tp, Tn, N, F, _isz(gs.dtype)),
-           "insert": kv_bytes(cfg, gs.batch_size, Tp, gs.dtype, m)}
+           "insert": kv_bytes(cfg, sizing.insert_rows(gs.batch_size, m["data"] * m["fsdp"]), Tp, gs.dtype, m)}
     out["total"] = out["params"] + out["kv_cache"] + out["work"] + out["insert"]
     out["host_rss"] = out["total"] + HOST_RUNTIME + HOST_COMPILE + out["params"]
     return out

@@ -20,7 +20,8 @@ their parameter's sharding), micro-batches are split over data x fsdp. A step is
 with explicit in/out shardings: `accum` per micro-batch [b, T] (into a zeroed running sum, donated;
 `grads` alone when grad_accum is 1) and `update` (the train state donated), dispatched without waiting,
 so a step's memory is one micro-batch's activations and one compile serves every A (micro-batches a
-step) of a length bucket.
+step) of a length bucket. `train` compiles the micro-batch shapes of the first epoch's steps
+(`Trainer.compile`, from abstract inputs) before the state exists.
 
 Compiles: the step is built by `_make_step(StepSpec)`, cached on everything static (model config,
 optimizer constants, LoRA, mesh); the learning-rate schedule's peak, warm-up and length enter the step
@@ -36,7 +37,7 @@ norm stops training with `TrainingDiverged`; states after it are never saved.
 Public API:
     TrainConfig (selfalign_jax.core.settings)                 hyper-parameters (paper defaults)
     lr_schedule(tcfg, total_steps), make_optimizer(tcfg)
-    Trainer(cfg, tcfg, total_steps, mesh)                .init_state / .step / .merged / .loss
+    Trainer(cfg, tcfg, total_steps, mesh)                .compile / .init_state / .step / .merged / .loss
     fit_memory(cfg, tcfg, mesh) -> (tcfg, line)              auto_fit: the micro-batch / remat a step runs with
     train(cfg, params, enc, tcfg, ...) -> (state, frozen, trainer, history)
     finetune(model, pairs, tokenizer, out_dir, tcfg, template, ...) -> LoadedModel
@@ -378,22 +379,51 @@ class Trainer:
     def loss(self, trainable, frozen, mb):
         return self.fns.loss(trainable, frozen, mb)
 
+    def _host_batch(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(the batch's arrays with the loss weights as the step uses them, counts [weight sum, inputs, loss
+        denominator])."""
+        batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+        total = float(batch["weights"].sum())
+        denom = max(total, 1.0)
+        if self.tcfg.loss_norm == "sequence":
+            batch["weights"], denom = sequence_weights(batch["weights"], batch["pos"]), 1.0
+        return batch, np.array([total, (batch["pos"] >= 0).sum(), denom], np.float32)
+
+    def compile(self, batch: dict[str, np.ndarray]) -> None:
+        """Compile the step for `batch`'s micro-batch shape from abstract inputs, before any train state
+        exists: the compiler's heap can go back to the kernel (hostmem.release) before the state and the
+        step's temporaries take their memory, and `step` then finds the executables compiled."""
+        def sds(x, sh):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        batch, counts = self._host_batch(batch)
+        state = self.abstract_state()
+        frozen = None
+        if self.lora:
+            frozen = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.compute_cfg.jdtype, sharding=sh),
+                                  M.param_specs(self.cfg), self.frozen_sh, is_leaf=M.is_spec)
+        mb = {k: jax.ShapeDtypeStruct(batch[k].shape[1:], batch[k].dtype, sharding=self.batch_sh[k])
+              for k in BATCH_KEYS}
+        acc = (jax.ShapeDtypeStruct((), jnp.float32, sharding=self.rep),
+               jax.tree.map(sds, self.fns.train_abstract, self.train_sh))
+        if self.tcfg.grad_accum == 1:
+            self.fns.grads.lower(state.params, frozen, mb).compile()
+        else:
+            self.fns.zeros.lower().compile()
+            self.fns.accum.lower(state.params, frozen, mb, acc).compile()
+        sched = {k: sds(v, self.rep) for k, v in self.sched.items()}
+        self.fns.update.lower(state, acc, sds(counts, self.rep), sched).compile()
+
     def step(self, state: TrainState, frozen, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
         """One optimizer step on a batch [A, b, T] from make_batch (host arrays): the micro-batches are
         dispatched one by one (one compile per micro-batch shape, whatever A is), their nll and gradient
         summed on the device, then one update. Nothing here blocks on the device. Donates `state`."""
-        batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
-        weights = batch["weights"]
-        total = float(weights.sum())
-        denom = max(total, 1.0)
-        if self.tcfg.loss_norm == "sequence":
-            weights, denom = sequence_weights(weights, batch["pos"]), 1.0
-        counts = meshlib.put(np.array([total, (batch["pos"] >= 0).sum(), denom], np.float32), self.rep)
+        batch, counts = self._host_batch(batch)
+        counts = meshlib.put(counts, self.rep)
         # grad_accum 1: the gradient alone (no second gradient-sized buffer); else every micro-batch adds into a
         # zeroed sum, so one function compiles per length bucket (a step of one micro-batch included)
         acc = None if self.tcfg.grad_accum == 1 else self.fns.zeros()
-        for a in range(weights.shape[0]):
-            mb = {k: meshlib.put(weights[a] if k == "weights" else batch[k][a], self.batch_sh[k]) for k in BATCH_KEYS}
+        for a in range(batch["weights"].shape[0]):
+            mb = {k: meshlib.put(batch[k][a], self.batch_sh[k]) for k in BATCH_KEYS}
             acc = self.fns.grads(state.params, frozen, mb) if acc is None else \
                 self.fns.accum(state.params, frozen, mb, acc)
         return self.fns.update(state, acc, counts, self.sched)
@@ -567,27 +597,6 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
             return params
         return params_loader(trainer.param_sh, trainer.compute_cfg.dtype if trainer.lora else "float32")
 
-    mngr = _manager(checkpoint_dir, tcfg) if checkpoint_dir is not None else None
-    start, state, frozen = 0, None, None
-    if mngr is not None and mngr.latest_step() is not None:
-        latest = mngr.latest_step()
-        meta = _read_meta(mngr, latest)
-        if not resume:
-            raise UserError(f"{checkpoint_dir}: holds checkpoints (step {latest}); remove it or resume")
-        if meta.get("fingerprint") != json.loads(json.dumps(fp)):
-            diff = [k for k in fp if meta.get("fingerprint", {}).get(k) != json.loads(json.dumps(fp[k]))]
-            raise UserError(f"{checkpoint_dir}: its checkpoints are from a different run (differs in "
-                            f"{', '.join(diff) or 'metadata'}); use another --checkpoint-dir or remove it")
-        state, meta = _restore(mngr, trainer, latest)
-        start = int(meta["step"])
-        if trainer.lora:
-            frozen = trainer.freeze(get_params(), owned=params is None)
-        if meshlib.is_writer():
-            print(f"resumed from {checkpoint_dir} at step {start}/{total} "
-                  f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", file=sys.stderr)
-    else:
-        state, frozen = trainer.init_state(get_params(), owned=params is None)
-
     def meta_for(step):
         return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe, "steps_per_epoch": spe,
                 "total_steps": total, "fingerprint": fp}
@@ -601,6 +610,40 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
             plans[e] = plan_epoch(enc.lengths, tcfg.effective_batch, tcfg.seed, e, tcfg.length_grouping)
         return make_batch(enc, plans[e][step % spe], tcfg.grad_accum, trainer.micro_rows, tcfg.max_length,
                           tcfg.bucket, pack=tcfg.packing and tcfg.loss_norm == "token")
+
+    def compile_first(step):
+        """Every micro-batch shape of the next epoch's steps compiled before the state exists, then the
+        compiler's heap back to the kernel (a shape compiled mid-run adds its heap to the state's memory)."""
+        seen = set()
+        for s in range(step, min(total, step + spe)):
+            b = batch_for(s)
+            if b["tokens"].shape[1:] not in seen:
+                seen.add(b["tokens"].shape[1:])
+                trainer.compile(b)
+        hostmem.release()
+
+    mngr = _manager(checkpoint_dir, tcfg) if checkpoint_dir is not None else None
+    start, state, frozen = 0, None, None
+    if mngr is not None and mngr.latest_step() is not None:
+        latest = mngr.latest_step()
+        meta = _read_meta(mngr, latest)
+        if not resume:
+            raise UserError(f"{checkpoint_dir}: holds checkpoints (step {latest}); remove it or resume")
+        if meta.get("fingerprint") != json.loads(json.dumps(fp)):
+            diff = [k for k in fp if meta.get("fingerprint", {}).get(k) != json.loads(json.dumps(fp[k]))]
+            raise UserError(f"{checkpoint_dir}: its checkpoints are from a different run (differs in "
+                            f"{', '.join(diff) or 'metadata'}); use another --checkpoint-dir or remove it")
+        compile_first(int(meta["step"]))
+        state, meta = _restore(mngr, trainer, latest)
+        start = int(meta["step"])
+        if trainer.lora:
+            frozen = trainer.freeze(get_params(), owned=params is None)
+        if meshlib.is_writer():
+            print(f"resumed from {checkpoint_dir} at step {start}/{total} "
+                  f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", file=sys.stderr)
+    else:
+        compile_first(0)
+        state, frozen = trainer.init_state(get_params(), owned=params is None)
 
     bar = None
     if progress and meshlib.is_writer():
@@ -745,7 +788,10 @@ def finetune(model, pairs: Sequence[Pair], tokenizer=None, out_dir=None, train_c
         state, frozen, trainer, history = train(cfg, params, enc, train_cfg, mesh=mesh,
                                                 checkpoint_dir=checkpoint_dir, resume=resume, on_step=on_step,
                                                 progress=progress, params_loader=loader if params is None else None)
+    # the AdamW moments go before the export copy is made (merged needs the parameters only)
+    state = dataclasses.replace(state, opt_state=None)
     final = trainer.merged(state, frozen)
+    del state
     if out_dir is not None:
         dt = export_dtype or _export_dtype(base_config, "float32")
         export(out_dir, cfg, final, tokenizer_from=model_dir if model_dir is not None else tokenizer, dtype=dt,

@@ -2,7 +2,7 @@
 longest prompt's and the largest limit's buckets). Whenever rows end (EOS, limit, stop string) the decode loop
 returns (it exits as soon as one more row is done while prompts are pending), their results are taken, and the
 next pending prompts (longest first) are prefilled into those rows (`steps.insert`: R rows at a time, R a power
-of two) and decoding goes on until the queue is empty.
+of two and at most `sizing.insert_rows`, a quarter of the batch) and decoding goes on until the queue is empty.
 
 The cache is a ring: every row writes its next token at the slot `end` (mod S), and a new prompt's keys go to the
 Tp slots before `end`, i.e. the static layout rotated; attention is by position, so each row computes what it
@@ -24,7 +24,7 @@ import numpy as np
 from selfalign_jax.core.buckets import pow2
 from selfalign_jax.core.generate.cache import host, new_tokens_bucket, prompt_bucket, to_rows
 from selfalign_jax.core.generate.prompts import Job
-from selfalign_jax.core.generate.sizing import batch_rows
+from selfalign_jax.core.generate.sizing import batch_rows, insert_rows
 from selfalign_jax.core.generate.steps import decode, empty, insert, shrink, timed
 
 SHRINK_FROM = 512  # the cache shrinks from prompt buckets this long up (below: not worth a compile)
@@ -39,6 +39,7 @@ def run(job: Job, order, B: int, done) -> None:
     Tn = new_tokens_bucket(int(lim.max()))
     mult = job.rows_multiple
     B = min(B, batch_rows(len(order), B, mult))
+    cap = insert_rows(B, mult)
     st = empty(jax.random.key(0), cfg=job.cfg, B=B, S=Tp_max + Tn, P=Tp_max + 1, Tn=Tn, place=job.place)
     pending = collections.deque(order)
     slot: dict[int, int] = {}  # row -> prompt index
@@ -54,10 +55,10 @@ def run(job: Job, order, B: int, done) -> None:
             Tp = need
             st = shrink(st, S=Tp + Tn, P=Tp + 1, place=job.place)
         free = [r for r in range(B) if r not in slot]
-        if pending and free:
-            take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+        while pending and free:  # at most `cap` prompts an insertion: its own cache and prefill stay small
+            take = [pending.popleft() for _ in range(min(len(free), len(pending), cap))]
             R = min(B, -(-pow2(len(take)) // mult) * mult)
-            rows = free[:len(take)]
+            rows, free = free[:len(take)], free[len(take):]
             slots = to_rows(np.array(rows + [B] * (R - len(take)), np.int32), job.place)
             st = timed("prefill", lambda: insert(job.params, st, *with_slots(job.rows(take, R), slots), cfg=job.cfg,
                                                    place=job.place, penalize_prompt=job.gen.penalize_prompt))

@@ -1,6 +1,7 @@
 """How many rows a generation batch takes: the largest power of two whose KV cache and working memory fit a
 memory budget (`auto_batch_size`), from the padded cache lengths (`cache_lengths`) and a row's working memory
-besides its cache (`work_bytes`, the formula the planner core/plan.py uses too)."""
+besides its cache (`work_bytes`, the formula the planner core/plan.py uses too); and how many prompts one
+continuous-batching insertion prefills at a time (`insert_rows`)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,13 @@ def batch_rows(n: int, cap: int, mult: int) -> int:
     """Rows of a batch for n prompts: a power of two (at most cap), a multiple of the mesh's row count."""
     B = pow2(n) if pow2(n) <= cap else cap
     return -(-B // mult) * mult
+
+
+INSERT_SPLIT = 4  # an insertion prefills at most a quarter of the batch's rows at a time
+
+
+def insert_rows(B: int, mult: int) -> int:
+    """Most prompts one continuous-batching insertion prefills (`generate/steps.insert`): B / INSERT_SPLIT, a
+    multiple of the mesh's row count. The insertion's own cache (rows x prompt slots) and its prefill's
+    activations scale with it; a batch's first fill runs as INSERT_SPLIT such insertions in a row."""
+    return max(mult, B // INSERT_SPLIT // mult * mult)
