@@ -169,6 +169,32 @@ def test_micro_batch_split_gives_the_same_step(base):
     assert abs(other["loss"] - ref["loss"]) > 1e-4
 
 
+@pytest.mark.parametrize("tc", [dataclasses.replace(FULL, remat=True, auto_fit=False), LORA], ids=["full", "lora"])
+def test_compile_before_the_state_leaves_the_step_nothing_to_compile(base, tc, caplog):
+    """Trainer.compile (abstract inputs, before any state exists, as train() runs it) compiles what the first step
+    calls: the step itself then compiles nothing, where without it the step compiles its functions."""
+    path, _, tok = base
+    cfg, params = C.load(path, dtype="float32")
+    enc = batching.encode_pairs(_pairs(), tok, max_length=32)
+    batch = batching.make_batch(enc, batching.plan_epoch(enc.lengths, tc.effective_batch, 0, 0)[0], tc.grad_accum,
+                                tc.batch_size, tc.max_length, tc.bucket)
+
+    def compiles_in_step(precompile: bool) -> list[str]:
+        # a weight decay of this test's own: a step no other test has compiled, no cache cleared
+        trainer = train.Trainer(cfg, dataclasses.replace(tc, weight_decay=1e-3 * (3 + precompile)), total_steps=2)
+        if precompile:
+            trainer.compile([batch, batch])
+        state, frozen = trainer.init_state(jax.tree.map(np.array, params))
+        caplog.clear()
+        with jax.log_compiles():
+            state, m = trainer.step(state, frozen, batch)
+            jax.block_until_ready(m)
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+
+    assert compiles_in_step(True) == []
+    assert len(compiles_in_step(False)) >= 2  # the gradient and the update
+
+
 def test_fit_memory_splits_to_the_budget_and_keeps_what_is_pinned(base):
     path, _, _ = base
     cfg, _ = C.load(path, dtype="float32")

@@ -20,7 +20,8 @@ their parameter's sharding), micro-batches are split over data x fsdp. A step is
 with explicit in/out shardings: `accum` per micro-batch [b, T] (into a zeroed running sum, donated;
 `grads` alone when grad_accum is 1) and `update` (the train state donated), dispatched without waiting,
 so a step's memory is one micro-batch's activations and one compile serves every A (micro-batches a
-step) of a length bucket.
+step) of a length bucket. `train` compiles the micro-batch shapes of the first epoch's steps
+(`Trainer.compile`, from abstract inputs) before the state exists.
 
 Compiles: the step is built by `_make_step(StepSpec)`, cached on everything static (model config,
 optimizer constants, LoRA, mesh); the learning-rate schedule's peak, warm-up and length enter the step
@@ -36,7 +37,7 @@ norm stops training with `TrainingDiverged`; states after it are never saved.
 Public API:
     TrainConfig (selfalign_jax.core.settings)                 hyper-parameters (paper defaults)
     lr_schedule(tcfg, total_steps), make_optimizer(tcfg)
-    Trainer(cfg, tcfg, total_steps, mesh)                .init_state / .step / .merged / .loss
+    Trainer(cfg, tcfg, total_steps, mesh)                .compile / .init_state / .step / .merged / .loss
     fit_memory(cfg, tcfg, mesh) -> (tcfg, line)              auto_fit: the micro-batch / remat a step runs with
     train(cfg, params, enc, tcfg, ...) -> (state, frozen, trainer, history)
     finetune(model, pairs, tokenizer, out_dir, tcfg, template, ...) -> LoadedModel
@@ -275,7 +276,11 @@ class StepFns:
     def _grads(self, trainable, frozen, mb):
         """(nll sum, d nll sum / d trainable) of one micro-batch [b, T]."""
         self.traced_shapes.append(("grads", tuple(mb["tokens"].shape)))
-        (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb)
+        return self._value_grad(trainable, frozen, mb)
+
+    def _value_grad(self, trainable, frozen, mb, *into):
+        """(nll sum, gradient) of one micro-batch; `into`: the running layer gradients the backward adds into."""
+        (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb, *into)
         return l, g
 
     def _accum(self, trainable, frozen, mb, acc):
@@ -284,9 +289,9 @@ class StepFns:
         self.traced_shapes.append(("accum", tuple(mb["tokens"].shape)))
         lacc, gacc = acc
         if not self.into:
-            (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb)
+            l, g = self._value_grad(trainable, frozen, mb)
             return lacc + l, jax.tree.map(jnp.add, gacc, g)
-        (l, _), g = jax.value_and_grad(self.loss, has_aux=True)(trainable, frozen, mb, gacc.layers)
+        l, g = self._value_grad(trainable, frozen, mb, gacc.layers)
         rest = jax.tree.map(jnp.add, dataclasses.replace(gacc, layers=None), dataclasses.replace(g, layers=None))
         return lacc + l, dataclasses.replace(rest, layers=g.layers)
 
@@ -378,16 +383,54 @@ class Trainer:
     def loss(self, trainable, frozen, mb):
         return self.fns.loss(trainable, frozen, mb)
 
-    def step(self, state: TrainState, frozen, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
-        """One optimizer step on a batch [A, b, T] from make_batch (host arrays): the micro-batches are
-        dispatched one by one (one compile per micro-batch shape, whatever A is), their nll and gradient
-        summed on the device, then one update. Nothing here blocks on the device. Donates `state`."""
+    def _host_batch(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(the batch's arrays with the loss weights as the step uses them, counts [weight sum, inputs, loss
+        denominator])."""
         batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
         total = float(batch["weights"].sum())
         denom = max(total, 1.0)
         if self.tcfg.loss_norm == "sequence":
             batch["weights"], denom = sequence_weights(batch["weights"], batch["pos"]), 1.0
-        counts = meshlib.put(np.array([total, (batch["pos"] >= 0).sum(), denom], np.float32), self.rep)
+        return batch, np.array([total, (batch["pos"] >= 0).sum(), denom], np.float32)
+
+    def compile(self, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        """Compile the step for the micro-batch shapes of `batches` (from make_batch) from abstract inputs,
+        before any train state exists: the compiler's heap can go back to the kernel (hostmem.release) before
+        the state and the step's temporaries take their memory, and `step` then finds the executables
+        compiled. The update, whose inputs do not depend on the micro-batch shape, compiles once."""
+        def sds(x, sh):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        if not batches:
+            return
+        state = self.abstract_state()
+        frozen = None
+        if self.lora:
+            frozen = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, self.compute_cfg.jdtype, sharding=sh),
+                                  M.param_specs(self.cfg), self.frozen_sh, is_leaf=M.is_spec)
+        acc = (jax.ShapeDtypeStruct((), jnp.float32, sharding=self.rep),
+               jax.tree.map(sds, self.fns.train_abstract, self.train_sh))
+        shapes = {}
+        for batch in batches:
+            shapes.setdefault(batch["tokens"].shape[1:], self._host_batch(batch)[0])
+        for batch in shapes.values():
+            mb = {k: jax.ShapeDtypeStruct(batch[k].shape[1:], batch[k].dtype, sharding=self.batch_sh[k])
+                  for k in BATCH_KEYS}
+            if self.tcfg.grad_accum == 1:
+                self.fns.grads.lower(state.params, frozen, mb).compile()
+            else:
+                self.fns.accum.lower(state.params, frozen, mb, acc).compile()
+        if self.tcfg.grad_accum != 1:
+            self.fns.zeros.lower().compile()
+        sched = {k: sds(v, self.rep) for k, v in self.sched.items()}
+        counts = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=self.rep)
+        self.fns.update.lower(state, acc, counts, sched).compile()
+
+    def step(self, state: TrainState, frozen, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        """One optimizer step on a batch [A, b, T] from make_batch (host arrays): the micro-batches are
+        dispatched one by one (one compile per micro-batch shape, whatever A is), their nll and gradient
+        summed on the device, then one update. Nothing here blocks on the device. Donates `state`."""
+        batch, counts = self._host_batch(batch)
+        counts = meshlib.put(counts, self.rep)
         # grad_accum 1: the gradient alone (no second gradient-sized buffer); else every micro-batch adds into a
         # zeroed sum, so one function compiles per length bucket (a step of one micro-batch included)
         acc = None if self.tcfg.grad_accum == 1 else self.fns.zeros()
@@ -580,6 +623,12 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
         return make_batch(enc, plans[e][step % spe], tcfg.grad_accum, trainer.micro_rows, tcfg.max_length,
                           tcfg.bucket, pack=tcfg.packing and tcfg.loss_norm == "token")
 
+    def compile_first(step):
+        """The micro-batch shapes of the next epoch's steps compiled before the state exists, then the
+        compiler's heap back to the kernel (a shape compiled mid-run adds its heap to the state's memory)."""
+        trainer.compile([batch_for(s) for s in range(step, min(total, step + spe))])
+        hostmem.release()
+
     mngr = _manager(checkpoint_dir, tcfg) if checkpoint_dir is not None else None
     start, state, frozen = 0, None, None
     if mngr is not None and mngr.latest_step() is not None:
@@ -591,14 +640,16 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
             diff = [k for k in fp if meta.get("fingerprint", {}).get(k) != json.loads(json.dumps(fp[k]))]
             raise UserError(f"{checkpoint_dir}: its checkpoints are from a different run (differs in "
                             f"{', '.join(diff) or 'metadata'}); use another --checkpoint-dir or remove it")
-        state, meta = _restore(mngr, trainer, latest)
         start = int(meta["step"])
+        compile_first(start)
+        state, meta = _restore(mngr, trainer, latest)
         if trainer.lora:
             frozen = trainer.freeze(get_params(), owned=params is None)
         if meshlib.is_writer():
             print(f"resumed from {checkpoint_dir} at step {start}/{total} "
                   f"(epoch {meta['epoch']}, batch {meta['batch_in_epoch']})", file=sys.stderr)
     else:
+        compile_first(0)
         state, frozen = trainer.init_state(get_params(), owned=params is None)
 
     bar = None
