@@ -55,7 +55,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -393,14 +393,19 @@ class Trainer:
             batch["weights"], denom = sequence_weights(batch["weights"], batch["pos"]), 1.0
         return batch, np.array([total, (batch["pos"] >= 0).sum(), denom], np.float32)
 
-    def compile(self, batches: Sequence[dict[str, np.ndarray]]) -> None:
-        """Compile the step for the micro-batch shapes of `batches` (from make_batch) from abstract inputs,
-        before any train state exists: the compiler's heap can go back to the kernel (hostmem.release) before
-        the state and the step's temporaries take their memory, and `step` then finds the executables
-        compiled. The update, whose inputs do not depend on the micro-batch shape, compiles once."""
+    def compile(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
+        """Compile the step for the micro-batch shapes of `batches` (from make_batch, read one at a time) from
+        abstract inputs, before any train state exists: the compiler's heap can go back to the kernel
+        (hostmem.release) before the state and the step's temporaries take their memory, and `step` then finds
+        the executables compiled. The update, whose inputs do not depend on the micro-batch shape, compiles once."""
         def sds(x, sh):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-        if not batches:
+        mbs: dict[tuple, dict[str, jax.ShapeDtypeStruct]] = {}  # one abstract micro-batch per distinct shape
+        for batch in batches:
+            if batch["tokens"].shape[1:] not in mbs:
+                host = self._host_batch(batch)[0]
+                mbs[batch["tokens"].shape[1:]] = {k: sds(host[k][0], self.batch_sh[k]) for k in BATCH_KEYS}
+        if not mbs:
             return
         state = self.abstract_state()
         frozen = None
@@ -409,12 +414,7 @@ class Trainer:
                                   M.param_specs(self.cfg), self.frozen_sh, is_leaf=M.is_spec)
         acc = (jax.ShapeDtypeStruct((), jnp.float32, sharding=self.rep),
                jax.tree.map(sds, self.fns.train_abstract, self.train_sh))
-        shapes = {}
-        for batch in batches:
-            shapes.setdefault(batch["tokens"].shape[1:], self._host_batch(batch)[0])
-        for batch in shapes.values():
-            mb = {k: jax.ShapeDtypeStruct(batch[k].shape[1:], batch[k].dtype, sharding=self.batch_sh[k])
-                  for k in BATCH_KEYS}
+        for mb in mbs.values():
             if self.tcfg.grad_accum == 1:
                 self.fns.grads.lower(state.params, frozen, mb).compile()
             else:
@@ -626,7 +626,7 @@ def train(cfg: M.Config, params: M.Params | None, enc: Encoded, tcfg: TrainConfi
     def compile_first(step):
         """The micro-batch shapes of the next epoch's steps compiled before the state exists, then the
         compiler's heap back to the kernel (a shape compiled mid-run adds its heap to the state's memory)."""
-        trainer.compile([batch_for(s) for s in range(step, min(total, step + spe))])
+        trainer.compile(batch_for(s) for s in range(step, min(total, step + spe)))
         hostmem.release()
 
     mngr = _manager(checkpoint_dir, tcfg) if checkpoint_dir is not None else None
