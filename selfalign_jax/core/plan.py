@@ -351,6 +351,10 @@ def _parts(d: dict, keys) -> str:
     return ", ".join(f"{k} {d[k] / GIB:.2f}" for k in keys if d.get(k))
 
 
+def _over(what: str, total: float, budget: float, hbm_gib: float, parts: str) -> str:
+    return f"{what} does not fit: {_gib(total)} per device > {_gib(budget)} usable of {hbm_gib:g} GiB ({parts} GiB)"
+
+
 def train_advice(cfg: M.Config, ts: TrainSettings, mesh: dict, hbm_gib: float, lora_rank: int = 16) -> str | None:
     """None when the step fits; else ONE line: what does not fit, and the smallest change that does
     (fewest changes first, LoRA last; among equals: mesh all-fsdp, remat, a smaller micro-batch)."""
@@ -360,8 +364,8 @@ def train_advice(cfg: M.Config, ts: TrainSettings, mesh: dict, hbm_gib: float, l
     if have["total"] <= budget:
         return None
     n = n_devices(m)
-    head = (f"training does not fit: {_gib(have['total'])} per device > {_gib(budget)} usable of {hbm_gib:g} GiB "
-            f"({_parts(have, ('params', 'lora', 'optimizer', 'gradients', 'work', 'activations', 'loss'))} GiB)")
+    head = _over("training", have["total"], budget, hbm_gib,
+                 _parts(have, ("params", "lora", "optimizer", "gradients", "work", "activations", "loss")))
     fsdp = {"data": 1, "fsdp": n, "tensor": 1}
     meshes = [False, True] if fsdp != m else [False]
     ranks = [False] if ts.lora_rank else [False, True]
@@ -402,9 +406,8 @@ def gen_advice(cfg: M.Config, gs: GenSettings, mesh: dict, hbm_gib: float) -> st
     if have["total"] <= budget:
         return None
     n = n_devices(m)
-    head = (f"generation does not fit: {_gib(have['total'])} per device > {_gib(budget)} usable of {hbm_gib:g} GiB "
-            f"(params {have['params'] / GIB:.2f}, KV cache {have['kv_cache'] / GIB:.2f}, "
-            f"work {have['work'] / GIB:.2f} GiB)")
+    head = _over("generation", have["total"], budget, hbm_gib, f"params {have['params'] / GIB:.2f}, "
+                 f"KV cache {have['kv_cache'] / GIB:.2f}, work {have['work'] / GIB:.2f}")
     cands = [m]
     for alt in ({"data": 1, "fsdp": 1, "tensor": n}, {"data": 1, "fsdp": n, "tensor": 1}):
         if alt != m and n > 1:
