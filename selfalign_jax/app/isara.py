@@ -17,7 +17,6 @@ run equals an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -173,7 +172,7 @@ def sft(model: LoadedModel | Path, pairs: list[dict], out_dir: Path, lr: float, 
     """Fine-tune the current model (loaded, or its directory: read straight into the train state) on `pairs`
     (loss on answers), export to out_dir, return M_t."""
     path = Path(model) if isinstance(model, (str, Path)) else model.path
-    base = json.loads((path / "config.json").read_text())
+    base = checkpoint.read_config(path)
     if isinstance(model, LoadedModel):
         dtype, max_pos, tokenizer = model.cfg.dtype, model.cfg.max_pos, model.tokenizer
     else:
