@@ -427,7 +427,7 @@ def convert(model, out, dtype: str = "float32", overwrite: bool = False) -> Path
         return out
     checkpoint.load_tokenizer(model)  # fail early if there is none
     cfg, params = checkpoint.load(model, dtype="float32")
-    base = _json.loads((model / "config.json").read_text())
+    base = checkpoint.read_config(model)
     checkpoint.save(out, cfg, params, tokenizer_from=model, dtype=dtype, base_config=base, overwrite=overwrite)
     print(f"wrote {out} ({cfg.family}, {dtype})")
     return out
